@@ -1,0 +1,1 @@
+"""The ``dtop`` command line: one sub-command per module of this package."""

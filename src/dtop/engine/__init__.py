@@ -1,0 +1,1 @@
+"""Engines that run models over data: extraction and training."""

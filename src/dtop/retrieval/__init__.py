@@ -1,0 +1,1 @@
+"""Search, metrics (the revisited protocol) and post-processing of descriptors."""
