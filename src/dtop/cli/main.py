@@ -38,7 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``dtop`` command line and return its exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may stand anywhere on the line, also after options.
+    args, unknown = parser.parse_known_args(argv)
+    overrides = [u for u in unknown if "=" in u and not u.startswith("-")]
+    rest = [u for u in unknown if u not in overrides]
+    if rest or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(rest or overrides)}")
+    if overrides:
+        args.overrides = list(args.overrides or []) + overrides
     if not getattr(args, "func", None):
         parser.print_help()
         return 1

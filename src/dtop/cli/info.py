@@ -1,0 +1,80 @@
+"""``dtop info``: parameters, FLOPs, tapped layers and descriptor size of a model."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from dtop.errors import ConfigError
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """Parse ``HxW`` (or a single number for a square) into (height, width)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 16:
+        raise ConfigError(f"--size must be HxW with sides >= 16 (e.g. 512x384), got {text!r}")
+    return parts[0], parts[1]
+
+
+def load_any_model(spec: str, overrides: list[str], pretrained: bool = True):
+    """A model from a checkpoint file, a config file or a registered name.
+
+    With ``pretrained=False`` configs are built without fetching backbone weights.
+    """
+    from dtop.models import build_model, load_model, resolve_model_config
+
+    path = Path(spec)
+    if path.suffix == ".safetensors" and path.is_file():
+        if overrides:
+            raise ConfigError("key=value overrides do not apply to a checkpoint")
+        return load_model(path)
+    config = resolve_model_config(spec, overrides)
+    if not pretrained:
+        config = dataclasses.replace(config, pretrained=None)
+    return build_model(config)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the model summary."""
+    from dtop.models.info import format_summary, model_summary
+
+    height, width = parse_size(args.size)
+    model = load_any_model(args.model, args.overrides, pretrained=False)
+    summary = model_summary(model, height, width)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(args.model, summary))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``dtop info``."""
+    p = subparsers.add_parser(
+        "info",
+        help="parameters, GFLOPs, tapped layers and descriptor size of a model",
+        description="Summarise a model: a registered name (see --list), a config file or a checkpoint. "
+        "Builds the architecture only; no pretrained weights are fetched.",
+    )
+    p.add_argument("model", nargs="?", default="dtop_hybrid", help="registered name, config YAML or checkpoint")
+    p.add_argument("overrides", nargs="*", help="model config overrides, key=value (e.g. dim=256)")
+    p.add_argument("--size", default="512x384", help="input size HxW for GFLOPs (default 512x384)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--list", action="store_true", help="list the registered model names and exit")
+    p.set_defaults(func=_run_or_list)
+
+
+def _run_or_list(args: argparse.Namespace) -> int:
+    if args.list:
+        from dtop.models import list_models
+
+        print("\n".join(list_models()))
+        return 0
+    return run(args)

@@ -1,0 +1,184 @@
+"""The one configuration system of dtop: YAML files that compose, ``key=value`` overrides, typed
+dataclasses.
+
+* A YAML file may name a base with ``_base_: other.yaml`` (or a list of them), resolved relative
+  to the file; the file's own keys are merged over the base recursively (mappings merge, every
+  other value replaces).
+* Overrides on the command line are dotted ``key=value`` pairs (``model.dim=256``,
+  ``model.layers=[-2,-1]``); values are parsed as YAML, so ``none``/``null``, numbers, lists work.
+* :func:`from_dict` turns a mapping into a typed dataclass and rejects unknown keys and values
+  of the wrong type with a message that names the key and suggests the closest valid one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from dtop.errors import ConfigError
+
+T = TypeVar("T")
+
+BASE_KEY = "_base_"
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read one YAML file (without resolving ``_base_``) as a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level, not {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = (), _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Load a YAML config with its ``_base_`` chain resolved and ``key=value`` overrides applied."""
+    path = Path(path).resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise ConfigError(f"config files include each other in a cycle: {chain}")
+    data = load_yaml(path)
+    bases = data.pop(BASE_KEY, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = merge(merged, load_config(path.parent / base, (), (*_seen, path)))
+    merged = merge(merged, data)
+    return apply_overrides(merged, overrides)
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``update`` over ``base`` (mappings merge, other values replace)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into its key path and YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. model.dim=256)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: {err}") from err
+    return key.split("."), value
+
+
+def apply_overrides(config: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides to a (copy of a) config mapping."""
+    out = copy.deepcopy(dict(config))
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {key!r} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Turn a config dataclass into plain data (JSON/YAML serialisable)."""
+    return dataclasses.asdict(obj)
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
+    """Build the config dataclass ``cls`` from ``data``, checking keys and value types.
+
+    ``where`` names the section in error messages (e.g. ``"model"``).
+    """
+    data = dict(data or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    prefix = f"{where}." if where else ""
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f"; did you mean '{prefix}{close[0]}'?" if close else "."
+        raise ConfigError(
+            f"unknown config key '{prefix}{key}'{hint} Valid keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _check_type(value, hints[key], f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"invalid {where or cls.__name__} config: {err}") from err
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a (simple) type hint, converting ints to floats where expected."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        item = args[0] if args else Any
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(hint, type) and isinstance(value, hint):
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"config key {key!r} must be of type {name}, got {value!r}")

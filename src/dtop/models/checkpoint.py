@@ -1,0 +1,176 @@
+"""The one checkpoint format of dtop (SPEC §3.8): a safetensors file that describes itself.
+
+Tensors: the model's state dict under its own names, plus optional extras (e.g. whitening) under
+``__extra__.<name>.<tensor>``. Metadata (strings): ``format`` = ``dtop-model``, ``format_version``,
+``config`` (the full ModelConfig as JSON, normalisation included), ``extras`` (JSON: name → metadata)
+and free ``metadata`` (JSON). :func:`load_model` needs nothing but the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtop.config import from_dict, to_dict
+from dtop.errors import CheckpointError, ConfigError
+from dtop.models.base import RetrievalModel
+from dtop.models.config import ModelConfig
+from dtop.utils.io import atomic_path
+
+FORMAT = "dtop-model"
+FORMAT_VERSION = "1"
+EXTRA_PREFIX = "__extra__."
+#: Config fields that do not change the model's parameters (ignored when comparing configs).
+NON_ARCHITECTURAL = ("pretrained", "gem_p")
+
+
+@dataclass
+class Checkpoint:
+    """The content of a dtop checkpoint file."""
+
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    extras_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(
+    model: RetrievalModel,
+    path: str | os.PathLike,
+    extras: dict[str, dict[str, torch.Tensor]] | None = None,
+    extras_metadata: dict[str, dict[str, Any]] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (weights + full config) and optional extras to ``path`` atomically."""
+    from safetensors.torch import save_file
+
+    from dtop import __version__
+
+    path = Path(path)
+    # clone: safetensors refuses tensors that share storage
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    for name, group in (extras or {}).items():
+        for key, value in group.items():
+            tensors[f"{EXTRA_PREFIX}{name}.{key}"] = value.detach().cpu().contiguous().clone()
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dtop_version": __version__,
+        "config": json.dumps(to_dict(model.config)),
+        "extras": json.dumps(extras_metadata or {name: {} for name in (extras or {})}),
+        "metadata": json.dumps(metadata or {}),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a dtop checkpoint (config, weights, extras) with clear errors for other files."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is not a dtop checkpoint (not a readable safetensors file: {err}). "
+            "Plain timm/torch weights go into model.pretrained instead."
+        ) from err
+    if header.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is a safetensors file without a dtop configuration (format={header.get('format')!r}). "
+            "If it holds backbone weights, pass it as model.pretrained=<path> in a model config."
+        )
+    if header.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {header.get('format_version')}; this dtop reads {FORMAT_VERSION}"
+        )
+    try:
+        config = from_dict(ModelConfig, json.loads(header["config"]), where="model")
+    except (ConfigError, KeyError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} holds an invalid model configuration: {err}") from err
+    extras: dict[str, dict[str, torch.Tensor]] = {}
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith(EXTRA_PREFIX):
+            name, _, sub = key[len(EXTRA_PREFIX):].partition(".")
+            extras.setdefault(name, {})[sub] = value
+        else:
+            state[key] = value
+    return Checkpoint(
+        config=config,
+        state_dict=state,
+        extras=extras,
+        extras_metadata=json.loads(header.get("extras", "{}")),
+        metadata=json.loads(header.get("metadata", "{}")),
+    )
+
+
+def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """Architectural fields on which two configs differ, as ``field: a vs b`` strings."""
+    da, db = to_dict(a), to_dict(b)
+    return [
+        f"{k}: {da[k]!r} vs {db[k]!r}"
+        for k in da
+        if k not in NON_ARCHITECTURAL and k not in ("mean", "std") and da[k] != db[k]
+    ]
+
+
+def load_weights(model: RetrievalModel, checkpoint: str | os.PathLike | Checkpoint) -> Checkpoint:
+    """Load a checkpoint's weights into ``model``; fail naming the mismatch if it is another model."""
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
+    source = "the checkpoint" if isinstance(checkpoint, Checkpoint) else str(checkpoint)
+    diffs = config_differences(ckpt.config, model.config)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(ckpt.state_dict))
+    unexpected = sorted(set(ckpt.state_dict) - set(own))
+    shapes = [
+        f"{k} {tuple(ckpt.state_dict[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in ckpt.state_dict and ckpt.state_dict[k].shape != own[k].shape
+    ]
+    if diffs or missing or unexpected or shapes:
+        parts = []
+        if diffs:
+            parts.append("config differs (checkpoint vs model): " + "; ".join(diffs[:6]))
+        if missing:
+            parts.append(f"{len(missing)} model keys missing from the checkpoint (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} checkpoint keys the model lacks (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:3])})")
+        raise CheckpointError(
+            f"{source} was saved from a different model: " + ". ".join(parts)
+            + ". Use dtop.load_model(path) to rebuild the checkpoint's own model."
+        )
+    model.load_state_dict(ckpt.state_dict, strict=True)
+    return ckpt
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> RetrievalModel:
+    """Rebuild a model from a dtop checkpoint file alone (in eval mode).
+
+    The checkpoint's extras (e.g. whitening) are available as ``model.checkpoint_extras``.
+    """
+    import dataclasses
+
+    from dtop.models.factory import build_model
+
+    ckpt = read_checkpoint(path)
+    # The weights come from the file: never fetch the pretrained backbone again.
+    model = build_model(dataclasses.replace(ckpt.config, pretrained=None))
+    load_weights(model, ckpt)
+    model.checkpoint_extras = ckpt.extras
+    model.checkpoint_extras_metadata = ckpt.extras_metadata
+    return model.to(device).eval()

@@ -1,0 +1,90 @@
+"""The typed configuration of every model dtop builds (SPEC §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dtop.errors import ConfigError
+
+ARCHS = ("dtop", "cls", "gem-tokens", "gem-cnn")
+FUSIONS = ("concat", "orthogonal")
+LOCALITIES = ("none", "conv-ffn", "local-attention")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model; stored inside every checkpoint.
+
+    See ``docs/design.md`` for why each default is what it is.
+    """
+
+    #: ``dtop`` (the DToP head), or a baseline: ``cls``, ``gem-tokens``, ``gem-cnn``.
+    arch: str = "dtop"
+    #: A timm model name (a VisionTransformer, or any CNN for ``gem-cnn``), or ``hybrid``: a
+    #: ResNetV2 stem + ViT of your own shape (``stem_layers`` + ``backbone_args``) with timm's layout.
+    backbone: str = "vit_base_r50_s16_384"
+    #: Extra keyword arguments for the timm constructor (``depth``, ``embed_dim``, ``num_heads``, ...).
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    #: ResNetV2 blocks per stage of the stem when ``backbone: hybrid`` (timm's R50 hybrid: [3, 4, 9]).
+    stem_layers: list[int] | None = None
+    #: ``none``, a timm pretrained tag (``orig_in21k_ft_in1k``; ``default`` = timm's default tag),
+    #: or the path of a local weights file (.safetensors, .pth, .bin, or a dtop checkpoint).
+    pretrained: str | None = None
+    #: Encoder blocks whose outputs are tapped (negative = from the end).
+    layers: list[int] = field(default_factory=lambda: [-4, -3, -2, -1])
+    #: Descriptor dimension (None: no final projection, baselines only).
+    dim: int | None = 512
+    #: Output size of the global ([CLS]) branch.
+    global_dim: int = 512
+    #: Output size of the local (patch-token) branch.
+    local_dim: int = 512
+    #: Channels of the local branch's 1x1 reduction of the concatenated token maps.
+    local_channels: int = 512
+    #: ``concat`` (Linear over [g; l]) or ``orthogonal`` (DOLG-style: l minus its projection on g).
+    fusion: str = "concat"
+    #: Locality enhancement in the last ``locality_blocks`` blocks: none | conv-ffn | local-attention.
+    locality: str = "conv-ffn"
+    locality_blocks: int = 4
+    #: Window radius (in tokens, Chebyshev distance) of ``local-attention``.
+    locality_radius: int = 3
+    #: Initial GeM exponent and whether it is learned.
+    gem_p: float = 3.0
+    gem_p_trainable: bool = True
+    #: Input normalisation; None = the backbone's pretrained statistics.
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"model.fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if self.locality not in LOCALITIES:
+            raise ConfigError(f"model.locality must be one of {', '.join(LOCALITIES)}, got {self.locality!r}")
+        if self.pretrained is not None and str(self.pretrained).lower() in ("none", "false", ""):
+            self.pretrained = None
+        if not self.layers:
+            raise ConfigError("model.layers must name at least one encoder block to tap")
+        if len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"model.layers has repeated entries: {self.layers}")
+        for name in ("global_dim", "local_dim", "local_channels", "locality_blocks"):
+            if getattr(self, name) < (0 if name == "locality_blocks" else 1):
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.dim is not None and self.dim < 1:
+            raise ConfigError(f"model.dim must be positive or null, got {self.dim}")
+        if self.arch == "dtop" and self.dim is None:
+            raise ConfigError("model.dim must be set for arch 'dtop' (the fused descriptor size)")
+        if self.fusion == "orthogonal" and self.global_dim != self.local_dim:
+            raise ConfigError(
+                "fusion 'orthogonal' projects the local vector on the global one: set "
+                f"model.global_dim == model.local_dim (got {self.global_dim} and {self.local_dim})"
+            )
+        if self.backbone == "hybrid" and not self.stem_layers:
+            raise ConfigError("backbone 'hybrid' needs model.stem_layers (ResNetV2 blocks per stage, e.g. [1, 1, 1])")
+        if self.stem_layers is not None and self.backbone != "hybrid":
+            raise ConfigError("model.stem_layers applies only to backbone 'hybrid'")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != 3:
+                raise ConfigError(f"model.{name} must have 3 values (RGB), got {value}")
