@@ -24,6 +24,8 @@ def test_round_trip_gives_identical_descriptors(tmp_path, tiny_model):
     assert loaded.mean == [0.5, 0.5, 0.5]  # normalisation travels with the weights
     assert read_checkpoint(path).metadata == {"epoch": 3}
     assert not list(tmp_path.glob("*.tmp"))
+    again = save_checkpoint(loaded, tmp_path / "again.safetensors", metadata={"epoch": 3})
+    assert again.read_bytes() == path.read_bytes()  # same model, same bytes
 
 
 def test_extras_round_trip(tmp_path, tiny_model):
@@ -116,7 +118,7 @@ def test_metadata_holds_the_full_config(tmp_path, tiny_model):
 
     path = save_checkpoint(tiny_model, tmp_path / "m.safetensors")
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
+        meta = json.loads(f.metadata()["dtop"])
     assert meta["format"] == "dtop-model"
-    config = json.loads(meta["config"])
+    config = meta["config"]
     assert config["stem_layers"] == [1, 1, 1] and config["mean"] == [0.5, 0.5, 0.5]

@@ -1,9 +1,11 @@
 """The one checkpoint format of dtop (SPEC §3.8): a safetensors file that describes itself.
 
 Tensors: the model's state dict under its own names, plus optional extras (e.g. whitening) under
-``__extra__.<name>.<tensor>``. Metadata (strings): ``format`` = ``dtop-model``, ``format_version``,
-``config`` (the full ModelConfig as JSON, normalisation included), ``extras`` (JSON: name → metadata)
-and free ``metadata`` (JSON). :func:`load_model` needs nothing but the file.
+``__extra__.<name>.<tensor>``. Metadata: one key ``dtop`` holding JSON with ``format`` =
+``dtop-model``, ``format_version``, ``config`` (the full ModelConfig, normalisation included),
+``extras`` (name → metadata) and free ``metadata``. One key, because safetensors writes several
+metadata keys in arbitrary order and the same model must give the same bytes.
+:func:`load_model` needs nothing but the file.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dtop.utils.io import atomic_path
 FORMAT = "dtop-model"
 FORMAT_VERSION = "1"
 EXTRA_PREFIX = "__extra__."
+HEADER_KEY = "dtop"
 #: Config fields that do not change the model's parameters (ignored when comparing configs).
 NON_ARCHITECTURAL = ("pretrained", "gem_p")
 
@@ -62,12 +65,12 @@ def save_checkpoint(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "dtop_version": __version__,
-        "config": json.dumps(to_dict(model.config)),
-        "extras": json.dumps(extras_metadata or {name: {} for name in (extras or {})}),
-        "metadata": json.dumps(metadata or {}),
+        "config": to_dict(model.config),
+        "extras": extras_metadata or {name: {} for name in (extras or {})},
+        "metadata": metadata or {},
     }
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+        save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})
     return path
 
 
@@ -80,13 +83,17 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
+            raw = (f.metadata() or {}).get(HEADER_KEY)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(
             f"{path} is not a dtop checkpoint (not a readable safetensors file: {err}). "
             "Plain timm/torch weights go into model.pretrained instead."
         ) from err
+    try:
+        header = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        header = {}
     if header.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is a safetensors file without a dtop configuration (format={header.get('format')!r}). "
@@ -97,8 +104,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"{path} has checkpoint format version {header.get('format_version')}; this dtop reads {FORMAT_VERSION}"
         )
     try:
-        config = from_dict(ModelConfig, json.loads(header["config"]), where="model")
-    except (ConfigError, KeyError, json.JSONDecodeError) as err:
+        config = from_dict(ModelConfig, header["config"], where="model")
+    except (ConfigError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path} holds an invalid model configuration: {err}") from err
     extras: dict[str, dict[str, torch.Tensor]] = {}
     state = {}
@@ -112,8 +119,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         config=config,
         state_dict=state,
         extras=extras,
-        extras_metadata=json.loads(header.get("extras", "{}")),
-        metadata=json.loads(header.get("metadata", "{}")),
+        extras_metadata=header.get("extras", {}),
+        metadata=header.get("metadata", {}),
     )
 
 

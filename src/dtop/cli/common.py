@@ -1,0 +1,65 @@
+"""Options shared by the sub-commands that run a model over images."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from dtop.engine.extract import AMP_CHOICES, DEFAULT_SCALES, ExtractSettings
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model`` and config overrides."""
+    p.add_argument("--model", required=True,
+                   help="a checkpoint (.safetensors), a model config YAML or a registered name (dtop info --list)")
+    p.add_argument("overrides", nargs="*", help="model config overrides key=value (configs only)")
+
+
+def add_extraction_args(p: argparse.ArgumentParser, image_size: int = 1024) -> None:
+    """Multi-scale extraction settings and runtime options."""
+    g = p.add_argument_group("extraction")
+    g.add_argument("--image-size", type=int, default=image_size,
+                   help=f"longer side at scale 1 (default {image_size})")
+    g.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES),
+                   help="scales averaged into one descriptor (default 1/√2 1 √2)")
+    g.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage precision")
+    g.add_argument("--exif-transpose", action="store_true", help="apply EXIF orientation (phone photos)")
+    g.add_argument("--batch-size", type=int, default=8, help="images per forward pass (per size bucket)")
+    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding workers")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="autocast (auto: bf16 on CUDA, off on CPU)")
+    g.add_argument("--shard-size", type=int, default=1000, help="images per store shard (resume granularity)")
+    g.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of failing")
+    g.add_argument("--overwrite", action="store_true", help="replace a store made with another model/settings")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def settings_from_args(args: argparse.Namespace) -> ExtractSettings:
+    """The :class:`ExtractSettings` of the parsed options."""
+    return ExtractSettings(image_size=args.image_size, scales=list(args.scales), dtype=args.dtype,
+                           exif_transpose=args.exif_transpose)
+
+
+def runtime_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments of :func:`dtop.engine.extract.extract_to_store` from the parsed options."""
+    return dict(batch_size=args.batch_size, num_workers=args.workers, device=args.device, amp=args.amp,
+                skip_bad=args.skip_bad, shard_size=args.shard_size, overwrite=args.overwrite,
+                progress=not args.no_progress)
+
+
+def init_distributed() -> None:
+    """Join the process group when started by ``torchrun`` (NCCL on GPUs, gloo on CPUs)."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def load_cli_model(args: argparse.Namespace):
+    """The model named by ``--model`` (with overrides)."""
+    from dtop.cli.info import load_any_model
+
+    return load_any_model(args.model, list(args.overrides or []))

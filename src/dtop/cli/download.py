@@ -1,0 +1,63 @@
+"""``dtop download``: fetch ROxford5k, RParis6k or the R1M distractors in the revisited layout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dtop.data.download import BASE_URL_ENV, CATALOGUE, download_dataset
+
+_EPILOG = f"""\
+layout: ROOT/roxford5k/{{gnd_roxford5k.pkl,jpg/}}, ROOT/rparis6k/{{gnd_rparis6k.pkl,jpg/}},
+ROOT/revisitop1m/{{revisitop1m.txt,jpg/}}.
+
+verification: the hosts publish no checksums. dtop checks the two ground-truth files against
+md5 sums recorded from the official files, the length of every download against what the
+server announces, reads every archive end to end (gzip CRC included) and, after extraction,
+that every image named by the ground truth (imlist + qimlist) or by revisitop1m.txt is present.
+
+Interrupted downloads resume (HTTP Range) when the command is run again; a run on a complete
+dataset does nothing. Mirror: --base-url URL or ${BASE_URL_ENV}; the mirror serves
+URL/<dataset>/<file name> (e.g. URL/rparis6k/paris_1-v1.tgz).
+"""
+
+
+def run(args: argparse.Namespace) -> int:
+    """Download the requested dataset(s)."""
+    for name in args.datasets:
+        download_dataset(
+            name,
+            args.root,
+            base_url=args.base_url,
+            keep_archives=args.keep_archives,
+            progress=not args.no_progress,
+            retries=args.retries,
+            timeout=args.timeout,
+            log=lambda msg: print(msg, file=sys.stderr, flush=True),
+        )
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``dtop download``."""
+    lines = "\n".join(f"  {k}: {v.description}" for k, v in CATALOGUE.items())
+    p = subparsers.add_parser(
+        "download",
+        help="download and verify ROxford5k, RParis6k or the R1M distractors",
+        description=f"Download, verify and extract benchmark datasets from their official sources.\n{lines}",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "datasets", nargs="+", choices=list(CATALOGUE), metavar="DATASET",
+        help=f"dataset(s) to download: {', '.join(CATALOGUE)}",
+    )
+    p.add_argument("--root", required=True, help="data folder; each dataset goes to ROOT/<dataset>/")
+    p.add_argument("--base-url", default=None,
+                   help=f"mirror replacing the official hosts (default: ${BASE_URL_ENV} if set)")
+    p.add_argument("--keep-archives", action="store_true",
+                   help="keep the downloaded archives in ROOT/<dataset>/.download/ after extraction")
+    p.add_argument("--retries", type=int, default=5, help="retries per file on network errors (default 5)")
+    p.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)

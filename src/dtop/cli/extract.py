@@ -1,0 +1,64 @@
+"""``dtop extract``: descriptors of an image folder, list or revisited dataset into a store."""
+
+from __future__ import annotations
+
+import argparse
+
+from dtop.cli.common import (
+    add_extraction_args,
+    add_model_args,
+    init_distributed,
+    load_cli_model,
+    runtime_kwargs,
+    settings_from_args,
+)
+from dtop.errors import ConfigError
+
+
+def run(args: argparse.Namespace) -> int:
+    """Extract and report the store."""
+    from dtop.data.folders import read_image_list
+    from dtop.engine.extract import extract_to_store
+
+    init_distributed()
+    bbxs = None
+    if args.dataset:
+        from dtop.data.revisited import RevisitedDataset
+
+        if not args.data_root:
+            raise ConfigError("--dataset needs --data-root (the folder that holds <dataset>/jpg)")
+        ds = RevisitedDataset(args.data_root, args.dataset)
+        if args.split == "queries":
+            paths, bbxs = ds.query_paths, ds.query_bbxs
+        else:
+            paths = ds.database_paths
+    elif args.images:
+        paths = read_image_list(args.images)
+    else:
+        raise ConfigError("give --images DIR|LIST or --dataset NAME --data-root DIR")
+    model = load_cli_model(args)
+    store = extract_to_store(model, paths, args.out, bbxs=bbxs, settings=settings_from_args(args),
+                             **runtime_kwargs(args))
+    n_fail = len(store.failures())
+    print(f"{store.num_images} images, {store.descriptor_dim}-d descriptors in {args.out}"
+          + (f" ({n_fail} unreadable, left out)" if n_fail else ""))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``dtop extract``."""
+    p = subparsers.add_parser(
+        "extract", help="extract multi-scale descriptors into a resumable descriptor store",
+        description="Extract descriptors into a store (shards + manifest). Rerunning resumes: finished "
+        "shards are skipped. Runs under torchrun with one shard subset per rank.",
+    )
+    add_model_args(p)
+    src = p.add_argument_group("images")
+    src.add_argument("--images", help="an image folder or a text file with one path per line")
+    src.add_argument("--dataset", help="roxford5k | rparis6k | path of a dataset in the revisited format")
+    src.add_argument("--data-root", help="folder holding the dataset folders (with --dataset)")
+    src.add_argument("--split", choices=["queries", "database"], default="database",
+                     help="with --dataset: queries (cropped to bbx) or database (whole)")
+    p.add_argument("--out", required=True, help="store directory")
+    add_extraction_args(p)
+    p.set_defaults(func=run)

@@ -1,0 +1,415 @@
+"""The one image loader of dtop, the model-input resize policy and an image-list dataset.
+
+Loading (:func:`load_image`) always returns an 8-bit RGB :class:`PIL.Image.Image`:
+
+- grayscale (``1``, ``L``), palette (``P``), ``CMYK``, ``YCbCr`` and the other 8-bit modes are
+  converted with PIL's own conversion (as the reference code does; embedded ICC profiles are
+  not applied, also as in the reference code);
+- 16-bit (``I;16*``) and 32-bit integer (``I``) grayscale are *scaled* to 8 bits (value / 257),
+  not clipped as PIL's ``convert`` would do; an ``I`` image whose values all fit in 0..255 is
+  taken as 8-bit; float (``F``) images are taken as 0..1 when their maximum is at most 1,
+  else as 0..255 (clipped);
+- images with transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent colour, ...)
+  are alpha-composited on a **white** background (:data:`ALPHA_BACKGROUND`): transparent
+  product shots and logos are designed to be seen on white, and the colour PIL would otherwise
+  keep under transparent pixels is arbitrary (often black);
+- multi-frame files (GIF, TIFF) give their first frame.
+
+**EXIF orientation is not applied by default** (``exif_transpose=False``): the revisited
+reference code and cirtorch load the stored pixel layout, and the query ``bbx`` coordinates of
+the benchmarks refer to that layout. Pass ``exif_transpose=True`` for user photos taken on
+phones; a bbx crop is then still done in the stored layout, before the rotation.
+
+Every failure raises :class:`ImageLoadError` (a :class:`~dtop.errors.DataError`) naming the
+path and the reason: missing file, zero-byte file, bytes that are not an image, truncated or
+corrupt data. Truncated images are never accepted: PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES``
+must stay ``False`` (dtop never sets it, and :func:`load_image` refuses to run if some other
+code turned it on, because then a truncated JPEG silently decodes with a grey bottom).
+
+Resize policy of the model input (SPEC §3, §5): :func:`resize_image` scales the image so that
+its longer side is ``long_side`` (rounded half up to an integer), then rounds each side to the
+nearest multiple of 16 (at least 16), so that the model never pads. One bicubic resampling with
+PIL (antialiased when downsampling: PIL widens the filter support by the scale factor). Bicubic,
+because the timm ViT/hybrid backbones are pretrained and evaluated with bicubic resizing, and it
+is sharper than bilinear when the multi-scale extraction upsamples (scale √2).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from dtop.errors import DataError
+
+ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+"""Background colour (white) on which images with transparency are composited."""
+
+RESAMPLE = Image.Resampling.BICUBIC
+"""Resampling filter of :func:`resize_image` (PIL bicubic, antialiased when downsampling)."""
+
+DRAFT_MARGIN: float = 2.0
+"""With ``draft_long_side``, a JPEG is decoded at a reduced DCT scale only while its longer side
+stays at least this factor above the final size, so the final antialiased resize still dominates."""
+
+_ORIENTATION_TAG = 0x0112
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+class ImageLoadError(DataError):
+    """An image file is missing, empty, not an image, truncated or otherwise unreadable."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot load image {self.path}: {reason}")
+
+
+def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Convert a loaded image of any PIL mode to 8-bit RGB (see the module docstring)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I" or mode == "F":
+        arr = np.asarray(img)
+        if mode == "F":
+            arr = arr.astype(np.float64)
+            arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
+            arr = arr * 255.0 if arr.size and arr.max() <= 1.0 else arr
+            out = np.clip(np.floor(arr + 0.5), 0, 255).astype(np.uint8)
+        else:
+            arr = arr.astype(np.int64)
+            if mode.startswith("I;16") or (arr.size and arr.max() > 255):
+                arr = (np.clip(arr, 0, 65535) * 255 + 32767) // 65535  # round(v / 257)
+            out = np.clip(arr, 0, 255).astype(np.uint8)
+        return Image.fromarray(out, mode="L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode in ("P", "L", "RGB") and "transparency" in img.info
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if mode == "1":
+        img = img.convert("L")
+    return img.convert("RGB")
+
+
+def _open_rgb(
+    path: str | os.PathLike,
+    draft_long_side: float | None = None,
+    background: tuple[int, int, int] = ALPHA_BACKGROUND,
+) -> tuple[Image.Image, int]:
+    """Load ``path`` as RGB in its stored layout; return it and its EXIF orientation (1 if none)."""
+    path = Path(path)
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise DataError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (some code turned it on): truncated images "
+            "would load silently with missing pixels. Set it back to False before loading images "
+            "with dtop."
+        )
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageLoadError(path, "file not found (check the path, or download the dataset)") from None
+    except OSError as err:
+        raise ImageLoadError(path, f"cannot access the file ({err.strerror or err})") from err
+    if not path.is_file():
+        raise ImageLoadError(path, "not a regular file")
+    if size == 0:
+        raise ImageLoadError(path, "empty file (0 bytes); the download or copy failed, fetch it again")
+    try:
+        with Image.open(path) as im:
+            orientation = 1
+            try:
+                orientation = int(im.getexif().get(_ORIENTATION_TAG, 1) or 1)
+            except Exception:  # a corrupt EXIF block must not make a readable image unreadable
+                orientation = 1
+            if draft_long_side is not None and im.format == "JPEG" and draft_long_side > 0:
+                w, h = im.size
+                k = DRAFT_MARGIN * float(draft_long_side) / max(w, h)
+                if k < 1.0:
+                    im.draft(im.mode, (max(1, math.ceil(w * k)), max(1, math.ceil(h * k))))
+            im.load()
+            rgb = _to_rgb(im, background)
+            if rgb is im:
+                rgb = im.copy()
+    except UnidentifiedImageError:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        raise ImageLoadError(
+            path, f"not an image file in a format PIL can read (the file starts with {head!r})"
+        ) from None
+    except Image.DecompressionBombError as err:
+        raise ImageLoadError(path, f"image too large to decode safely ({err})") from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        reason = str(err) or type(err).__name__
+        if "truncated" in reason.lower():
+            reason = f"truncated image data ({reason}); the file is incomplete, download or copy it again"
+        else:
+            reason = f"corrupt or unsupported image data ({type(err).__name__}: {reason})"
+        raise ImageLoadError(path, reason) from err
+    return rgb, orientation
+
+
+def _apply_orientation(img: Image.Image, orientation: int) -> Image.Image:
+    method = _TRANSPOSE.get(orientation)
+    return img.transpose(method) if method is not None else img
+
+
+def load_image(
+    path: str | os.PathLike,
+    exif_transpose: bool = False,
+    *,
+    draft_long_side: float | None = None,
+    background: tuple[int, int, int] = ALPHA_BACKGROUND,
+) -> Image.Image:
+    """Load an image file as 8-bit RGB; raise :class:`ImageLoadError` with the reason if it fails.
+
+    ``exif_transpose`` applies the EXIF orientation (off by default: the benchmarks' bbx refer to
+    the stored layout). ``draft_long_side``: the caller will downscale so that the longer side is at
+    most this; a JPEG may then be decoded at 1/2, 1/4 or 1/8 scale (PIL ``draft``) as long as its
+    longer side stays at least :data:`DRAFT_MARGIN` times that. ``background``: colour on which
+    transparent images are composited (white by default).
+    """
+    img, orientation = _open_rgb(path, draft_long_side, background)
+    return _apply_orientation(img, orientation) if exif_transpose else img
+
+
+def crop_bbx(img: Image.Image, bbx: Sequence[float], path: str | os.PathLike = "<image>") -> Image.Image:
+    """Crop ``img`` to ``bbx`` = [x1, y1, x2, y2] exactly like the revisited reference code.
+
+    The reference calls PIL ``img.crop(bbx)``; PIL rounds each float coordinate with Python's
+    ``round`` (half to even: 136.5 → 136, 648.5 → 648, 955.7 → 956) and pads a box reaching outside
+    the image with black. This function calls ``img.crop`` the same way, and raises
+    :class:`ImageLoadError` when the rounded box is empty.
+    """
+    box = tuple(float(v) for v in bbx)
+    if len(box) != 4:
+        raise ImageLoadError(path, f"bbx must be [x1, y1, x2, y2], got {list(bbx)!r}")
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    if x1 <= x0 or y1 <= y0:
+        raise ImageLoadError(path, f"bbx {list(box)} is empty after rounding to pixels ({x0},{y0},{x1},{y1})")
+    return img.crop(box)
+
+
+def target_size(width: int, height: int, long_side: float, multiple: int = 16) -> tuple[int, int]:
+    """Model-input size ``(W, H)`` for an image of ``width`` × ``height`` (see :func:`resize_image`).
+
+    Scale so that the longer side is ``floor(long_side + 0.5)``; each side is rounded half up to an
+    integer, then to the nearest multiple of ``multiple`` (halves up), and is at least ``multiple``.
+    """
+    if width <= 0 or height <= 0:
+        raise DataError(f"cannot resize an empty image ({width}x{height})")
+    if not (long_side > 0 and math.isfinite(long_side)):
+        raise DataError(f"long_side must be a positive number, got {long_side!r}")
+    if multiple < 1:
+        raise DataError(f"multiple must be a positive integer, got {multiple!r}")
+    target_long = max(1, math.floor(long_side + 0.5))
+    longer = max(width, height)
+    scale = target_long / longer
+
+    def side(n: int) -> int:
+        s = target_long if n == longer else max(1, math.floor(n * scale + 0.5))
+        return max(multiple, multiple * math.floor(s / multiple + 0.5))
+
+    return side(width), side(height)
+
+
+def resize_image(img: Image.Image, long_side: float, multiple: int = 16) -> Image.Image:
+    """Resize so the longer side is ``long_side`` and both sides are multiples of ``multiple``.
+
+    ``long_side`` may be a float (``1024 / √2`` → 724 → 720 after rounding to 16). The size is
+    :func:`target_size`; one bicubic PIL resize (antialiased when downsampling) goes directly to
+    it, so the aspect ratio changes by at most half a multiple per side and the model never pads.
+    """
+    w, h = img.size
+    size = target_size(w, h, long_side, multiple)
+    if size == (w, h):
+        return img
+    return img.resize(size, resample=RESAMPLE)
+
+
+def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Convert an RGB image to a normalised float32 tensor (3, H, W): ``(x / 255 - mean) / std``."""
+    if len(mean) != 3 or len(std) != 3:
+        raise DataError(f"mean and std need 3 values (R, G, B), got mean={list(mean)} std={list(std)}")
+    if any(not s > 0 for s in std):
+        raise DataError(f"std values must be positive, got {list(std)}")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    arr = np.asarray(img, dtype=np.uint8)
+    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
+    m = torch.tensor([float(v) for v in mean], dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor([float(v) for v in std], dtype=torch.float32).view(3, 1, 1)
+    return x.sub_(m).div_(s).contiguous()
+
+
+class ResizeToTensor:
+    """Transform: :func:`resize_image` to ``long_side`` then :func:`to_tensor` (picklable for workers)."""
+
+    def __init__(
+        self, long_side: float, mean: Sequence[float], std: Sequence[float], multiple: int = 16
+    ) -> None:
+        self.long_side = float(long_side)
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self.multiple = int(multiple)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        """Resize and normalise one image."""
+        return to_tensor(resize_image(img, self.long_side, self.multiple), self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return (
+            f"ResizeToTensor(long_side={self.long_side}, mean={self.mean}, std={self.std}, "
+            f"multiple={self.multiple})"
+        )
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """Sentinel returned by :class:`ImageListDataset` in ``on_error="skip"`` mode for a bad image."""
+
+    index: int
+    path: str
+    reason: str
+
+
+def is_failure(item: Any) -> bool:
+    """True if ``item`` (a dataset item's first element) is a :class:`LoadFailure`."""
+    return isinstance(item, LoadFailure)
+
+
+def collate_with_failures(
+    batch: Sequence[tuple[Any, int]],
+) -> tuple[list[Any], list[int], list[LoadFailure]]:
+    """DataLoader ``collate_fn`` for ``on_error="skip"``: split loaded items from failures.
+
+    Returns ``(images, indices, failures)``: the transformed images and their dataset indices (in
+    batch order, failures left out) and the :class:`LoadFailure` records. Images are returned as a
+    list because images of different aspect ratios have different sizes; stack them if they match.
+    """
+    images: list[Any] = []
+    indices: list[int] = []
+    failures: list[LoadFailure] = []
+    for item, index in batch:
+        if isinstance(item, LoadFailure):
+            failures.append(item)
+        else:
+            images.append(item)
+            indices.append(int(index))
+    return images, indices, failures
+
+
+class ImageListDataset(Dataset):
+    """Images from a list of paths, optionally cropped to per-item bbx, then transformed.
+
+    ``dataset[i]`` returns ``(transform(image), i)`` (the PIL image itself when ``transform`` is
+    None). ``bbxs[i]`` is ``[x1, y1, x2, y2]`` in the stored pixel layout or None (whole image);
+    the crop is :func:`crop_bbx` (PIL ``crop``, as the reference code), before any EXIF rotation.
+
+    ``on_error``: ``"raise"`` (default) lets :class:`ImageLoadError` propagate (a DataLoader
+    re-raises it in the main process); ``"skip"`` returns ``(LoadFailure(i, path, reason), i)``
+    instead, so an extraction engine can record the failure and go on (use
+    :func:`collate_with_failures` as ``collate_fn``). Only image-loading errors are caught;
+    errors in ``transform`` propagate in both modes.
+
+    ``draft_long_side``: the largest longer side the transform will resize to; JPEGs without a bbx
+    may then be decoded at reduced DCT scale (see :func:`load_image`). Off (None) by default so that
+    benchmark numbers do not depend on it; it only speeds up images far larger than the target.
+
+    Paths are stored as one numpy bytes array, so a 1M-image list costs little memory and does not
+    grow in forked DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        bbxs: Sequence[Sequence[float] | None] | None = None,
+        transform: Callable[[Image.Image], Any] | None = None,
+        *,
+        exif_transpose: bool = False,
+        on_error: Literal["raise", "skip"] = "raise",
+        draft_long_side: float | None = None,
+        background: tuple[int, int, int] = ALPHA_BACKGROUND,
+    ) -> None:
+        if on_error not in ("raise", "skip"):
+            raise DataError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        n = len(paths)
+        self._paths = np.array([os.fsencode(os.fspath(p)) for p in paths], dtype=np.bytes_)
+        if n == 0:
+            self._paths = np.array([], dtype="S1")
+        self._bbxs: np.ndarray | None = None
+        if bbxs is not None:
+            if len(bbxs) != n:
+                raise DataError(f"got {len(bbxs)} bbxs for {n} paths; give one bbx (or None) per path")
+            arr = np.full((n, 4), np.nan, dtype=np.float64)
+            for i, b in enumerate(bbxs):
+                if b is None:
+                    continue
+                if len(b) != 4:
+                    raise DataError(f"bbxs[{i}] must be [x1, y1, x2, y2] or None, got {b!r}")
+                arr[i] = [float(v) for v in b]
+            self._bbxs = arr
+        self.transform = transform
+        self.exif_transpose = bool(exif_transpose)
+        self.on_error = on_error
+        self.draft_long_side = draft_long_side
+        self.background = tuple(background)
+
+    def __len__(self) -> int:
+        return int(self._paths.shape[0])
+
+    def path(self, index: int) -> str:
+        """Path of item ``index``."""
+        return os.fsdecode(bytes(self._paths[index]))
+
+    def bbx(self, index: int) -> tuple[float, float, float, float] | None:
+        """Crop box of item ``index`` or None."""
+        if self._bbxs is None or np.isnan(self._bbxs[index]).any():
+            return None
+        return tuple(float(v) for v in self._bbxs[index])  # type: ignore[return-value]
+
+    @property
+    def paths(self) -> list[str]:
+        """All paths, in order."""
+        return [self.path(i) for i in range(len(self))]
+
+    def load(self, index: int) -> Image.Image:
+        """Load item ``index`` as RGB, cropped and oriented, without the transform."""
+        path = self.path(index)
+        bbx = self.bbx(index)
+        draft = self.draft_long_side if bbx is None else None
+        img, orientation = _open_rgb(path, draft, self.background)  # type: ignore[arg-type]
+        if bbx is not None:
+            img = crop_bbx(img, bbx, path)
+        return _apply_orientation(img, orientation) if self.exif_transpose else img
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        try:
+            img = self.load(index)
+        except ImageLoadError as err:
+            if self.on_error == "skip":
+                return LoadFailure(index, err.path, err.reason), index
+            raise
+        return (self.transform(img) if self.transform is not None else img), index

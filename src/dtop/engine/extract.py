@@ -1,0 +1,309 @@
+"""Descriptor extraction: multi-scale, bucketed batches, parallel decoding, resumable stores.
+
+* **Multi-scale** (SPEC §5): each image is resized so that its longer side is
+  ``image_size × scale`` (both sides then rounded to multiples of 16, see
+  :func:`dtop.data.images.resize_image`) for every scale (default 1/√2, 1, √2); the per-scale
+  descriptors are averaged and L2-normalised.
+* **Bucketing**: images that resize to the same (H, W) at the same scale are batched together, so
+  batches need no padding; a bucket is run when it holds ``batch_size`` images and all buckets are
+  flushed at the end of each shard. Decoding and resizing run in DataLoader workers.
+* **Stores**: :func:`extract_to_store` writes a :class:`~dtop.retrieval.store.DescriptorStore`
+  shard by shard; rerunning skips finished shards, so a killed run resumes, and gives the same
+  store as an uninterrupted run (shards are computed the same way whichever run writes them).
+* **Distributed**: under ``torchrun`` every rank takes the shards ``i % world_size == rank``.
+* **AMP** on CUDA (bf16 by default); float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from dtop.config import to_dict
+from dtop.data.images import ImageListDataset, LoadFailure, load_image, resize_image, to_tensor
+from dtop.errors import ConfigError, DataError
+from dtop.models.base import RetrievalModel
+from dtop.models.layers import l2n
+from dtop.retrieval.store import DescriptorStore, Failure
+
+DEFAULT_SCALES: tuple[float, ...] = (1 / math.sqrt(2), 1.0, math.sqrt(2))
+AMP_CHOICES = ("auto", "none", "bf16", "fp16")
+
+
+@dataclass
+class ExtractSettings:
+    """Everything that changes descriptor values (stored in the store's manifest)."""
+
+    #: Longer side of the image at scale 1 (SPEC §5: 1024).
+    image_size: int = 1024
+    #: Scales; the descriptor is the L2-normalised mean over them.
+    scales: list[float] = field(default_factory=lambda: list(DEFAULT_SCALES))
+    #: Storage precision of the descriptors: float32 | float16.
+    dtype: str = "float32"
+    #: Apply EXIF orientation (off for the benchmarks, whose bbx refer to the stored layout).
+    exif_transpose: bool = False
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16:
+            raise ConfigError(f"image_size must be at least 16, got {self.image_size}")
+        if not self.scales or any(not s > 0 for s in self.scales):
+            raise ConfigError(f"scales must be positive numbers, got {self.scales}")
+        if self.dtype not in ("float32", "float16"):
+            raise ConfigError(f"dtype must be float32 or float16, got {self.dtype!r}")
+        self.scales = [float(s) for s in self.scales]
+
+
+def model_fingerprint(model: RetrievalModel) -> str:
+    """sha256 of the model's configuration and weights (what a descriptor store is tied to)."""
+    digest = hashlib.sha256(repr(sorted(to_dict(model.config).items())).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_info(model: RetrievalModel) -> dict[str, Any]:
+    """What identifies a model in a descriptor store's manifest."""
+    return {"fingerprint": model_fingerprint(model), "config": to_dict(model.config)}
+
+
+class MultiScaleTransform:
+    """Image → list of normalised tensors, one per scale (picklable for DataLoader workers)."""
+
+    def __init__(self, image_size: int, scales: Sequence[float], mean: Sequence[float], std: Sequence[float]):
+        self.image_size = image_size
+        self.scales = list(scales)
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, img) -> list[torch.Tensor]:  # noqa: D102
+        return [to_tensor(resize_image(img, self.image_size * s), self.mean, self.std) for s in self.scales]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``auto`` → CUDA when available, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast_context(device: torch.device, amp: str):
+    """The autocast context of ``amp`` (auto: bf16 on CUDA, off on the CPU)."""
+    if amp not in AMP_CHOICES:
+        raise ConfigError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class _Bucketer:
+    """Groups (item, scale) tensors of equal shape into batches and accumulates descriptors."""
+
+    def __init__(self, model: RetrievalModel, n_items: int, n_scales: int, batch_size: int,
+                 device: torch.device, amp: str):
+        self.model, self.batch_size, self.device, self.amp = model, batch_size, device, amp
+        self.sums = torch.zeros(n_items, model.descriptor_dim, dtype=torch.float32)
+        self.done = torch.zeros(n_items, dtype=torch.int64)
+        self.n_scales = n_scales
+        self.buckets: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+
+    def add(self, position: int, tensors: list[torch.Tensor]) -> None:
+        for scale, x in enumerate(tensors):
+            key = (scale, *x.shape)
+            bucket = self.buckets.setdefault(key, [])
+            bucket.append((position, x))
+            if len(bucket) >= self.batch_size:
+                self._run(self.buckets.pop(key))
+
+    def flush(self) -> None:
+        for key in sorted(self.buckets):
+            self._run(self.buckets[key])
+        self.buckets.clear()
+
+    @torch.inference_mode()
+    def _run(self, bucket: list[tuple[int, torch.Tensor]]) -> None:
+        positions = torch.tensor([p for p, _ in bucket])
+        x = torch.stack([t for _, t in bucket]).to(self.device, non_blocking=True)
+        with autocast_context(self.device, self.amp):
+            out = self.model(x)
+        self.sums.index_add_(0, positions, out.float().cpu())
+        self.done.index_add_(0, positions, torch.ones_like(positions))
+
+    def descriptors(self) -> torch.Tensor:
+        return l2n(self.sums / self.n_scales)
+
+
+def _loader(dataset, indices: Sequence[int], num_workers: int) -> DataLoader:
+    return DataLoader(
+        Subset(dataset, list(indices)),
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=lambda item: item,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def _extract_items(model, dataset, indices, settings, batch_size, num_workers, device, amp, bar):
+    """Descriptors of ``dataset[indices]`` (in that order) and the failures among them."""
+    bucketer = _Bucketer(model, len(indices), len(settings.scales), batch_size, device, amp)
+    failures: list[Failure] = []
+    ok = torch.ones(len(indices), dtype=torch.bool)
+    for position, (item, index) in enumerate(_loader(dataset, indices, num_workers)):
+        if isinstance(item, LoadFailure):
+            failures.append(Failure(int(index), item.path, item.reason))
+            ok[position] = False
+        else:
+            bucketer.add(position, item)
+        if bar is not None:
+            bar.update(1)
+    bucketer.flush()
+    return bucketer.descriptors(), ok, failures
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def extract_to_store(
+    model: RetrievalModel,
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    bbxs: Sequence[Sequence[float] | None] | None = None,
+    settings: ExtractSettings | None = None,
+    *,
+    batch_size: int = 8,
+    num_workers: int = 2,
+    device: str | torch.device | None = None,
+    amp: str = "auto",
+    skip_bad: bool = False,
+    shard_size: int = 1000,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_shards: int | None = None,
+) -> DescriptorStore:
+    """Extract descriptors of ``paths`` (cropped to ``bbxs`` where given) into a store at ``out``.
+
+    Finished shards of a matching store are skipped (resume); a store of another model or other
+    settings is an error unless ``overwrite``. Unreadable images are recorded in the manifest; the
+    run then fails naming them, unless ``skip_bad`` (their rows stay zero and invalid).
+    ``max_shards`` stops after that many shards (for tests of interrupted runs).
+    """
+    settings = settings or ExtractSettings()
+    device = resolve_device(device)
+    model = model.to(device).eval()
+    rank, world = _dist_info()
+    paths = [str(p) for p in paths]
+    store_settings = {**asdict(settings), "crops": _crops_digest(bbxs)}
+    info = model_info(model)
+    if rank == 0:
+        store = DescriptorStore.create(out, paths, store_settings, info, shard_size=shard_size, overwrite=overwrite)
+    _barrier()
+    if rank != 0:
+        store = DescriptorStore.open(out)
+    transform = MultiScaleTransform(settings.image_size, settings.scales, model.mean, model.std)
+    dataset = ImageListDataset(paths, bbxs, transform, exif_transpose=settings.exif_transpose, on_error="skip")
+    shards = store.assigned_shards(rank, world)
+    if max_shards is not None:
+        shards = shards[:max_shards]
+    total = sum(len(store.shard_items(i)) for i in shards)
+    bar = tqdm(total=total, unit="img", desc=f"extract {Path(out).name}", disable=not progress or rank != 0,
+               dynamic_ncols=True, smoothing=0.1)
+    try:
+        for shard in shards:
+            items = list(store.shard_items(shard))
+            descriptors, ok, failures = _extract_items(
+                model, dataset, items, settings, batch_size, num_workers, device, amp, bar
+            )
+            keep = ok.nonzero().flatten()
+            store.write_shard(shard, descriptors[keep], torch.tensor(items)[keep], failures=failures)
+    finally:
+        bar.close()
+    _barrier()
+    if rank == 0:
+        store.finalize()
+    failures = store.failures()
+    if failures and not skip_bad:
+        listed = "; ".join(f"{f.path}: {f.reason}" for f in failures[:5])
+        more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+        raise DataError(
+            f"{len(failures)} image(s) could not be read: {listed}{more}. They are listed in "
+            f"{Path(out) / 'manifest.json'}; fix or remove them, or rerun with --skip-bad to leave them out."
+        )
+    return store
+
+
+def _crops_digest(bbxs: Sequence[Sequence[float] | None] | None) -> str | None:
+    if bbxs is None:
+        return None
+    text = repr([None if b is None else [float(v) for v in b] for b in bbxs])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def extract(
+    model: RetrievalModel,
+    paths: Sequence[str | os.PathLike],
+    bbxs: Sequence[Sequence[float] | None] | None = None,
+    settings: ExtractSettings | None = None,
+    *,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    amp: str = "auto",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Descriptors (N, d) of ``paths`` in memory (no store); unreadable images raise a DataError."""
+    settings = settings or ExtractSettings()
+    device = resolve_device(device)
+    model = model.to(device).eval()
+    transform = MultiScaleTransform(settings.image_size, settings.scales, model.mean, model.std)
+    dataset = ImageListDataset([str(p) for p in paths], bbxs, transform,
+                               exif_transpose=settings.exif_transpose, on_error="skip")
+    bar = tqdm(total=len(dataset), unit="img", disable=not progress, dynamic_ncols=True)
+    descriptors, ok, failures = _extract_items(
+        model, dataset, range(len(dataset)), settings, batch_size, num_workers, device, amp, bar
+    )
+    bar.close()
+    if failures:
+        raise DataError("could not read: " + "; ".join(f"{f.path}: {f.reason}" for f in failures[:5]))
+    return descriptors
+
+
+def describe(
+    model: RetrievalModel,
+    image: Any,
+    image_size: int = 1024,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    bbx: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """The descriptor (d,) of one image: a path or a PIL image, optionally cropped to ``bbx``."""
+    from dtop.data.images import crop_bbx
+
+    img = load_image(image) if isinstance(image, str | os.PathLike) else image.convert("RGB")
+    if bbx is not None:
+        img = crop_bbx(img, bbx)
+    device = next(model.parameters()).device
+    transform = MultiScaleTransform(image_size, scales, model.mean, model.std)
+    with torch.inference_mode():
+        outs = [model(x[None].to(device)).float().cpu() for x in transform(img)]
+    return l2n(torch.stack(outs).mean(0))[0]

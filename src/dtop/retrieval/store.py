@@ -1,0 +1,693 @@
+"""The descriptor store of dtop: one directory of sharded descriptors that describes itself.
+
+Layout of a store directory::
+
+    manifest.json                  format, model, settings, image-list hash, shards, failures
+    images.txt                     the image list, one path per line (line i = image index i)
+    shard-00000.safetensors        tensors ``descriptors`` (n, d) float16/float32, ``indices`` (n,) int64
+    shard-00000.done.json          done-marker: count, dim, sha256 of the shard file, its failures
+    shard-00001.failures.json      failures recorded for a shard that is not finished yet
+    descriptors.npy, valid.npy     optional consolidated copy for memory-mapped loading
+
+Shard ``i`` holds images ``[i·shard_size, (i+1)·shard_size)`` of the list (contiguous ranges: the
+assignment never depends on what is finished, so every writer computes the same one). Every image
+of a shard is either a row of ``descriptors`` (``indices`` says which, ascending) or a recorded
+failure (image index, path, reason).
+
+**Several writers.** ``torchrun`` ranks may write different shards of one store at the same time
+(:meth:`DescriptorStore.assigned_shards` splits them: shard ``i`` goes to rank ``i % world_size``).
+No file is shared between writers except the manifest, so **the done-markers on disk are the source
+of truth**: a shard is finished iff its marker exists. :meth:`DescriptorStore.write_shard` writes
+the shard (temp + rename), then its marker (temp + rename), then rewrites the manifest's derived
+fields (finished shards, failures) from the markers, holding an advisory ``flock`` on
+``.manifest.lock`` so that the last writer's manifest lists everything. Why not a shared list
+updated in place: a read-modify-write of one file by several processes loses updates, and file
+locks are unreliable on the network file systems clusters use. Deriving from per-shard files needs
+nothing but an atomic rename; where ``flock`` does not work the manifest may lag behind the
+markers until the next write or :meth:`DescriptorStore.finalize`, but it is never corrupt, and
+:meth:`DescriptorStore.open` and every query of the API re-derive from the markers.
+
+**Crash safety and resume.** A killed writer leaves at most a temp file (``.shard-….tmp``) or a
+shard without a marker; both count as not finished and the shard is written again. Shard files
+are byte-deterministic (rows sorted by image index, one fixed metadata key), so a store written by
+an interrupted run and its resume is byte-identical in its descriptors to an uninterrupted one.
+Timestamps and writer details live in the markers and the manifest, never in the shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import re
+import socket
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+import torch
+
+from dtop.errors import ConfigError, DataError
+from dtop.utils.io import atomic_path, write_json
+
+FORMAT = "dtop-descriptors"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+IMAGES = "images.txt"
+LOCK = ".manifest.lock"
+CONSOLIDATED = ("descriptors.npy", "valid.npy", "consolidated.json")
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+DEFAULT_SHARD_SIZE = 10000
+_SHARD_META_KEY = "dtop"  # the one metadata key of a shard file (several keys are written in random order)
+_SHARD_RE = re.compile(r"^shard-(\d+)\.done\.json$")
+_OWN_FILE_RE = re.compile(
+    r"^(shard-\d+\.(safetensors|done\.json|failures\.json)|\.(shard-\d+|manifest|images|descriptors|valid|"
+    r"consolidated)\..*\.tmp)$"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """An image whose descriptor could not be extracted."""
+
+    index: int
+    path: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: ``{"index", "path", "reason"}``."""
+        return dataclasses.asdict(self)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def _canonical(obj: Any, what: str) -> Any:
+    """JSON round trip (tuples become lists, keys strings) so that comparisons are exact."""
+    try:
+        return json.loads(json.dumps(obj, sort_keys=True))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"descriptor store {what} must be JSON-serialisable: {err}") from err
+
+
+def images_digest(images: Sequence[str]) -> str:
+    """sha256 of the image list as written to ``images.txt`` (one path per line)."""
+    h = hashlib.sha256()
+    for name in images:
+        h.update(name.encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _dict_differences(name: str, stored: Any, requested: Any) -> list[str]:
+    if stored == requested:
+        return []
+    if isinstance(stored, dict) and isinstance(requested, dict):
+        keys = sorted(set(stored) | set(requested))
+        return [
+            f"{name}.{k}: store has {stored.get(k, '<unset>')!r}, requested {requested.get(k, '<unset>')!r}"
+            for k in keys
+            if stored.get(k, "<unset>") != requested.get(k, "<unset>")
+        ]
+    return [f"{name}: store has {stored!r}, requested {requested!r}"]
+
+
+class DescriptorStore:
+    """A directory of descriptor shards with a manifest; build it with :meth:`create` or :meth:`open`."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+        self.root = root
+        self._static = {k: manifest[k] for k in _STATIC_KEYS}
+        self._images: list[str] | None = None
+        self._markers: dict[int, tuple[int, dict[str, Any]]] = {}
+
+    # ------------------------------------------------------------------------------ construction
+
+    @classmethod
+    def create(
+        cls,
+        root: str | os.PathLike,
+        images: Sequence[str | os.PathLike],
+        settings: Mapping[str, Any],
+        model_info: Mapping[str, Any],
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        overwrite: bool = False,
+    ) -> Self:
+        """Create a store for ``images``, or reopen the matching one already at ``root`` (resume).
+
+        ``settings`` holds everything that changes descriptor values (scales, image size,
+        ``dtype`` = ``"float16"`` | ``"float32"``, default float32); ``model_info`` identifies the
+        model (e.g. ``{"hash": …, "config": {…}}``). Both are compared in full when reopening: a
+        store of another model, other settings, image list or shard size raises :class:`DataError`
+        unless ``overwrite`` (which deletes the store's own files, nothing else). With several
+        writers, let one process create (and overwrite) and the others :meth:`open` after a barrier.
+        """
+        root = Path(root)
+        names = [str(p) for p in images]
+        if not names:
+            raise DataError("cannot create a descriptor store for an empty image list")
+        bad = next((n for n in names if "\n" in n or "\r" in n), None)
+        if bad is not None:
+            raise DataError(f"image path {bad!r} contains a line break; rename the file")
+        if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
+            raise ConfigError(f"shard_size must be a positive integer, got {shard_size!r}")
+        settings_c = _canonical(dict(settings), "settings")
+        model_c = _canonical(dict(model_info), "model_info")
+        dtype = settings_c.get("dtype", "float32")
+        if dtype not in DTYPES:
+            raise ConfigError(f"descriptor store dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if (root / MANIFEST).is_file():
+            if overwrite:
+                cls._remove_store_files(root)
+            else:
+                store = cls.open(root)
+                diffs = store.differences(settings_c, model_c, images=names, shard_size=shard_size)
+                if diffs:
+                    raise DataError(
+                        f"{root} already holds descriptors of a different model or settings ("
+                        + "; ".join(diffs[:6])
+                        + "). Use another output directory (--out) or --overwrite to replace them."
+                    )
+                return store
+        elif root.is_dir() and any(_OWN_FILE_RE.match(p.name) and p.name.startswith("shard-") for p in root.iterdir()):
+            raise DataError(
+                f"{root} holds descriptor shards but no {MANIFEST} (a damaged store); "
+                "use --overwrite to replace it or another output directory (--out)"
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        with atomic_path(root / IMAGES) as tmp:
+            tmp.write_bytes("".join(f"{n}\n" for n in names).encode("utf-8"))
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": _now(),
+            "model": model_c,
+            "settings": settings_c,
+            "dtype": dtype,
+            "num_images": len(names),
+            "images_file": IMAGES,
+            "images_sha256": images_digest(names),
+            "shard_size": shard_size,
+            "num_shards": -(-len(names) // shard_size),
+        }
+        store = cls(root, manifest)
+        store._images = names
+        store.refresh_manifest()
+        return store
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> Self:
+        """Open an existing store (clear errors for a missing or foreign directory)."""
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.is_file():
+            raise DataError(
+                f"{root} is not a descriptor store (no {MANIFEST}); extract descriptors into it first"
+            )
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise DataError(f"{path} is not readable JSON ({err}); re-extract with --overwrite") from err
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise DataError(f"{path} is not a dtop descriptor store manifest (format must be {FORMAT!r})")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise DataError(
+                f"{root} has descriptor store format version {manifest.get('format_version')}; this dtop "
+                f"reads {FORMAT_VERSION}. Re-extract with --overwrite."
+            )
+        missing = [k for k in _STATIC_KEYS if k not in manifest]
+        if missing:
+            raise DataError(f"{path} lacks the key(s) {missing}; re-extract with --overwrite")
+        return cls(root, manifest)
+
+    @staticmethod
+    def _remove_store_files(root: Path) -> None:
+        (root / MANIFEST).unlink(missing_ok=True)  # first: no half-removed store looks valid
+        for p in root.iterdir():
+            if p.name in (IMAGES, LOCK, *CONSOLIDATED) or _OWN_FILE_RE.match(p.name):
+                p.unlink(missing_ok=True)
+
+    # -------------------------------------------------------------------------------- properties
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Extraction settings the store was created with."""
+        return self._static["settings"]
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """Identity of the model that produced the descriptors."""
+        return self._static["model"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Storage dtype of the descriptors."""
+        return DTYPES[self._static["dtype"]]
+
+    @property
+    def num_images(self) -> int:
+        """Number of images in the list."""
+        return int(self._static["num_images"])
+
+    @property
+    def shard_size(self) -> int:
+        """Images per shard (the last one may hold fewer)."""
+        return int(self._static["shard_size"])
+
+    @property
+    def num_shards(self) -> int:
+        """Number of shards."""
+        return int(self._static["num_shards"])
+
+    @property
+    def images(self) -> list[str]:
+        """The image list (read from ``images.txt`` once and checked against the manifest's hash)."""
+        if self._images is None:
+            path = self.root / IMAGES
+            try:
+                names = path.read_bytes().decode("utf-8").split("\n")[:-1]
+            except (OSError, UnicodeDecodeError) as err:
+                raise DataError(f"{path} is missing or unreadable ({err}); re-extract with --overwrite") from err
+            if len(names) != self.num_images or images_digest(names) != self._static["images_sha256"]:
+                raise DataError(f"{path} does not match {MANIFEST} (edited or damaged); re-extract with --overwrite")
+            self._images = names
+        return self._images
+
+    @property
+    def descriptor_dim(self) -> int | None:
+        """Descriptor dimension (None until a shard is finished)."""
+        markers = self._read_markers()
+        return next((int(m["dim"]) for m in markers.values() if m.get("dim") is not None), None)
+
+    # ---------------------------------------------------------------------------------- matching
+
+    def differences(
+        self,
+        settings: Mapping[str, Any],
+        model_info: Mapping[str, Any],
+        images: Sequence[str | os.PathLike] | None = None,
+        shard_size: int | None = None,
+    ) -> list[str]:
+        """What differs between this store and the requested model/settings (empty: reusable)."""
+        diffs = _dict_differences("model", self.model_info, _canonical(dict(model_info), "model_info"))
+        diffs += _dict_differences("settings", self.settings, _canonical(dict(settings), "settings"))
+        if images is not None:
+            names = [str(p) for p in images]
+            if len(names) != self.num_images or images_digest(names) != self._static["images_sha256"]:
+                diffs.append(f"image list: store has {self.num_images} images, requested {len(names)} (or other names)")
+        if shard_size is not None and shard_size != self.shard_size:
+            diffs.append(f"shard_size: store has {self.shard_size}, requested {shard_size}")
+        return diffs
+
+    def matches(
+        self,
+        settings: Mapping[str, Any],
+        model_info: Mapping[str, Any],
+        images: Sequence[str | os.PathLike] | None = None,
+    ) -> bool:
+        """Whether the store holds (or is being filled with) descriptors of this model and settings."""
+        return not self.differences(settings, model_info, images)
+
+    # ------------------------------------------------------------------------------------ shards
+
+    def shard_items(self, i: int) -> range:
+        """Image indices that belong to shard ``i``."""
+        self._check_shard(i)
+        return range(i * self.shard_size, min((i + 1) * self.shard_size, self.num_images))
+
+    def shard_of(self, index: int) -> int:
+        """The shard that image ``index`` belongs to."""
+        if not 0 <= index < self.num_images:
+            raise DataError(f"image index {index} is out of range [0, {self.num_images})")
+        return index // self.shard_size
+
+    def _check_shard(self, i: int) -> None:
+        if not isinstance(i, int | np.integer) or not 0 <= i < self.num_shards:
+            raise DataError(f"shard {i!r} does not exist: the store has shards 0..{self.num_shards - 1}")
+
+    def _shard_path(self, i: int) -> Path:
+        return self.root / f"shard-{i:05d}.safetensors"
+
+    def _marker_path(self, i: int) -> Path:
+        return self.root / f"shard-{i:05d}.done.json"
+
+    def _pending_path(self, i: int) -> Path:
+        return self.root / f"shard-{i:05d}.failures.json"
+
+    def _read_markers(self) -> dict[int, dict[str, Any]]:
+        """Done-markers on disk (cached per file modification time)."""
+        found: dict[int, dict[str, Any]] = {}
+        try:
+            entries = list(self.root.iterdir())
+        except FileNotFoundError as err:
+            raise DataError(f"descriptor store {self.root} has disappeared (deleted or moved)") from err
+        for p in entries:
+            m = _SHARD_RE.match(p.name)
+            if not m or int(m.group(1)) >= self.num_shards:
+                continue
+            i = int(m.group(1))
+            try:
+                stamp = p.stat().st_mtime_ns
+                cached = self._markers.get(i)
+                if cached is None or cached[0] != stamp:
+                    self._markers[i] = (stamp, json.loads(p.read_text()))
+            except (OSError, json.JSONDecodeError):
+                continue  # vanished between listing and reading (overwrite), or foreign
+            found[i] = self._markers[i][1]
+        return found
+
+    def finished_shards(self) -> list[int]:
+        """Shards whose done-marker exists, ascending (derived from disk at each call)."""
+        return sorted(self._read_markers())
+
+    def missing_shards(self) -> list[int]:
+        """Shards still to be written, ascending."""
+        done = set(self._read_markers())
+        return [i for i in range(self.num_shards) if i not in done]
+
+    def assigned_shards(self, rank: int = 0, world_size: int = 1, missing_only: bool = True) -> list[int]:
+        """The shards writer ``rank`` of ``world_size`` should write: ``i % world_size == rank``."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"invalid rank {rank} of world size {world_size}")
+        shards = self.missing_shards() if missing_only else range(self.num_shards)
+        return [i for i in shards if i % world_size == rank]
+
+    def is_complete(self) -> bool:
+        """Whether every shard is finished."""
+        return not self.missing_shards()
+
+    # ------------------------------------------------------------------------------------ writing
+
+    def _normalise_failures(self, failures: Iterable[Failure | tuple | Mapping[str, Any]]) -> list[Failure]:
+        out = []
+        for f in failures:
+            if isinstance(f, Mapping):
+                f = Failure(int(f["index"]), str(f.get("path") or ""), str(f["reason"]))
+            elif not isinstance(f, Failure):
+                t = tuple(f)
+                if len(t) == 2:
+                    f = Failure(int(t[0]), "", str(t[1]))
+                elif len(t) == 3:
+                    f = Failure(int(t[0]), str(t[1]), str(t[2]))
+                else:
+                    raise DataError(f"a failure is (index, reason) or (index, path, reason), got {t!r}")
+            if not 0 <= f.index < self.num_images:
+                raise DataError(f"failure for image index {f.index}, outside [0, {self.num_images})")
+            if not f.path:
+                f = dataclasses.replace(f, path=self.images[f.index])
+            out.append(f)
+        return out
+
+    def _pending_failures(self, i: int) -> dict[int, Failure]:
+        path = self._pending_path(i)
+        if not path.is_file():
+            return {}
+        try:
+            return {int(d["index"]): Failure(**d) for d in json.loads(path.read_text())["failures"]}
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            return {}
+
+    def record_failures(self, failures: Iterable[Failure | tuple | Mapping[str, Any]]) -> None:
+        """Record images that could not be processed, before their shard is written.
+
+        Items are :class:`Failure`, ``(index, reason)``, ``(index, path, reason)`` or mappings;
+        an empty path is filled from the image list. They are kept per shard and move into the
+        shard's done-marker when :meth:`write_shard` runs (a later success for the image wins).
+        """
+        by_shard: dict[int, list[Failure]] = {}
+        for f in self._normalise_failures(failures):
+            by_shard.setdefault(self.shard_of(f.index), []).append(f)
+        finished = set(self._read_markers())
+        for i, items in sorted(by_shard.items()):
+            if i in finished:
+                raise DataError(
+                    f"shard {i} is already finished; failures of its images must be passed before or "
+                    "to write_shard"
+                )
+            merged = self._pending_failures(i)
+            merged.update({f.index: f for f in items})
+            write_json(self._pending_path(i), {"failures": [merged[k].to_dict() for k in sorted(merged)]})
+
+    def write_shard(
+        self,
+        i: int,
+        descriptors: torch.Tensor | np.ndarray,
+        indices: torch.Tensor | np.ndarray | Sequence[int],
+        failures: Iterable[Failure | tuple | Mapping[str, Any]] = (),
+    ) -> Path:
+        """Write shard ``i`` atomically, then its done-marker, then refresh the manifest.
+
+        ``descriptors[j]`` belongs to image ``indices[j]``; rows are stored sorted by index, cast to
+        the store's dtype. Every image of :meth:`shard_items` must be either in ``indices`` or a
+        failure (given here or recorded earlier with :meth:`record_failures`).
+        """
+        self._check_shard(i)
+        desc = torch.as_tensor(np.asarray(descriptors) if not isinstance(descriptors, torch.Tensor) else descriptors)
+        idx = torch.as_tensor(np.asarray(indices) if not isinstance(indices, torch.Tensor) else indices)
+        desc, idx = desc.detach().cpu(), idx.detach().cpu().to(torch.int64).reshape(-1)
+        if idx.numel() == 0 and desc.numel() == 0:  # every image of the shard failed
+            desc = desc.to(torch.float32).reshape(0, desc.shape[-1] if desc.ndim == 2 else 0)
+        if desc.ndim != 2 or desc.shape[0] != idx.numel():
+            raise DataError(
+                f"shard {i}: descriptors must be (n, d) with n = len(indices) = {idx.numel()}, got "
+                f"{tuple(desc.shape)}"
+            )
+        if not torch.is_floating_point(desc) or not bool(torch.isfinite(desc).all()):
+            raise DataError(f"shard {i}: descriptors must be finite floating-point values (got NaN/inf or ints)")
+        items = self.shard_items(i)
+        order = torch.argsort(idx, stable=True)
+        idx, desc = idx[order], desc[order]
+        if idx.numel() and (int(idx[0]) < items.start or int(idx[-1]) >= items.stop):
+            raise DataError(f"shard {i} holds images {items.start}..{items.stop - 1}; got indices outside that range")
+        if idx.numel() > 1 and bool((idx[1:] == idx[:-1]).any()):
+            raise DataError(f"shard {i}: indices contain duplicates")
+        dim = self.descriptor_dim
+        if dim is not None and desc.shape[1] != dim and idx.numel():
+            raise DataError(
+                f"shard {i}: descriptors are {desc.shape[1]}-d but the store's other shards are {dim}-d; "
+                "a store holds one model's descriptors (use another --out)"
+            )
+        pending = self._pending_failures(i)
+        pending.update({f.index: f for f in self._normalise_failures(failures)})
+        present = set(idx.tolist())
+        fails = [pending[k] for k in sorted(pending) if k not in present]
+        if any(not items.start <= f.index < items.stop for f in fails):
+            raise DataError(f"shard {i}: a failure names an image outside {items.start}..{items.stop - 1}")
+        unaccounted = sorted(set(items) - present - {f.index for f in fails})
+        if unaccounted:
+            raise DataError(
+                f"shard {i}: {len(unaccounted)} image(s) have neither a descriptor nor a recorded failure "
+                f"(e.g. {unaccounted[:5]}); pass their failures to write_shard or record_failures"
+            )
+        from safetensors.torch import save_file
+
+        tensors = {"descriptors": desc.to(self.dtype).contiguous(), "indices": idx.contiguous()}
+        meta = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "shard": int(i)}, sort_keys=True)
+        path = self._shard_path(i)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={_SHARD_META_KEY: meta})
+            digest, size = _file_sha256(tmp), tmp.stat().st_size
+        marker = {
+            "shard": int(i),
+            "file": path.name,
+            "count": int(idx.numel()),
+            "dim": int(desc.shape[1]) if idx.numel() else None,
+            "dtype": self._static["dtype"],
+            "sha256": digest,
+            "bytes": size,
+            "failures": [f.to_dict() for f in fails],
+            "finished_at": _now(),
+            "writer": {"host": socket.gethostname(), "pid": os.getpid(), "rank": os.environ.get("RANK")},
+        }
+        write_json(self._marker_path(i), marker)
+        self._pending_path(i).unlink(missing_ok=True)
+        self.refresh_manifest()
+        return path
+
+    def failures(self) -> list[Failure]:
+        """All recorded failures (finished shards' and pending ones), by image index."""
+        out = {}
+        markers = self._read_markers()
+        for i in range(self.num_shards):
+            if i in markers:
+                out.update({d["index"]: Failure(**d) for d in markers[i].get("failures", [])})
+            elif self._pending_path(i).is_file():
+                out.update(self._pending_failures(i))
+        return [out[k] for k in sorted(out)]
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: markers stay authoritative
+            yield
+            return
+        with open(self.root / LOCK, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX)
+            except OSError:  # file systems without flock: the manifest may lag, never corrupt
+                yield
+                return
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest as derived from disk now (what :meth:`refresh_manifest` writes)."""
+        markers = self._read_markers()
+        finished = sorted(markers)
+        fails = self.failures()
+        return {
+            **self._static,
+            "updated": _now(),
+            "descriptor_dim": self.descriptor_dim,
+            "num_finished": len(finished),
+            "finished_shards": finished,
+            "complete": len(finished) == self.num_shards,
+            "num_failures": len(fails),
+            "failures": [f.to_dict() for f in fails],
+            "note": "finished_shards and failures are a snapshot of the shard-*.done.json markers, "
+            "which are authoritative",
+        }
+
+    def refresh_manifest(self) -> None:
+        """Rewrite ``manifest.json`` from the markers on disk (atomically, under the lock)."""
+        with self._lock():
+            write_json(self.root / MANIFEST, self.manifest())
+
+    def finalize(self) -> None:
+        """Refresh the manifest and remove temp files left by killed writers.
+
+        Call it from one process once all writers are done (temp files of a live writer would go).
+        """
+        for p in self.root.iterdir():
+            if p.name.startswith(".") and p.name.endswith(".tmp") and _OWN_FILE_RE.match(p.name):
+                p.unlink(missing_ok=True)
+        self.refresh_manifest()
+
+    # ------------------------------------------------------------------------------------ reading
+
+    def read_shard(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(descriptors, indices)`` of finished shard ``i`` as numpy arrays."""
+        from safetensors import SafetensorError, safe_open
+
+        self._check_shard(i)
+        if i not in self._read_markers():
+            raise DataError(f"shard {i} of {self.root} is not finished; run the extraction again to resume")
+        path = self._shard_path(i)
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                desc, idx = f.get_tensor("descriptors"), f.get_tensor("indices")
+        except (SafetensorError, OSError, ValueError, KeyError) as err:
+            raise DataError(
+                f"{path} is missing or damaged ({err}); delete it and {self._marker_path(i).name} and resume"
+            ) from err
+        return desc, idx
+
+    def load(
+        self, numpy: bool = False, mmap: bool = False, require_complete: bool = True
+    ) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]:
+        """All descriptors in image order and a validity mask: ``(descriptors (N, d), valid (N,))``.
+
+        Rows of failed (or, with ``require_complete=False``, unfinished) images are zero and
+        ``valid`` is False there. ``numpy`` returns numpy arrays instead of tensors. ``mmap``
+        builds once (and reuses while the shards are unchanged) a consolidated ``descriptors.npy``
+        + ``valid.npy`` in the store and memory-maps it: read-only arrays with ``numpy``,
+        copy-on-write tensors otherwise; it needs a complete store.
+        """
+        missing = self.missing_shards()
+        if missing and (require_complete or mmap):
+            raise DataError(
+                f"{self.root} is incomplete: {len(missing)} of {self.num_shards} shards missing "
+                f"(e.g. {missing[:5]}); run the extraction again to resume"
+            )
+        dim = self.descriptor_dim
+        if dim is None:
+            raise DataError(f"{self.root} holds no descriptors yet (every finished image failed or none finished)")
+        if mmap:
+            desc, valid = self._consolidated(dim)
+            if numpy:
+                return np.load(desc, mmap_mode="r"), np.load(valid, mmap_mode="r")
+            return torch.from_numpy(np.load(desc, mmap_mode="c")), torch.from_numpy(np.load(valid, mmap_mode="c"))
+        out = np.zeros((self.num_images, dim), dtype=_np_dtype(self.dtype))
+        valid = np.zeros(self.num_images, dtype=bool)
+        self._fill(out, valid, dim)
+        if numpy:
+            return out, valid
+        return torch.from_numpy(out), torch.from_numpy(valid)
+
+    def _fill(self, out: np.ndarray, valid: np.ndarray, dim: int) -> None:
+        for i in self.finished_shards():
+            desc, idx = self.read_shard(i)
+            if desc.shape[0] and desc.shape[1] != dim:
+                raise DataError(f"shard {i} holds {desc.shape[1]}-d descriptors, the others {dim}-d; re-extract")
+            out[idx] = desc
+            valid[idx] = True
+
+    def _consolidated(self, dim: int) -> tuple[Path, Path]:
+        key = {"shards": {str(i): m["sha256"] for i, m in sorted(self._read_markers().items())}}
+        desc_path, valid_path, key_path = (self.root / n for n in CONSOLIDATED)
+        try:
+            if json.loads(key_path.read_text()) == key and desc_path.is_file() and valid_path.is_file():
+                return desc_path, valid_path
+        except (OSError, json.JSONDecodeError):
+            pass
+        key_path.unlink(missing_ok=True)
+        with atomic_path(desc_path) as tmp_d, atomic_path(valid_path) as tmp_v:
+            out = np.lib.format.open_memmap(tmp_d, mode="w+", dtype=_np_dtype(self.dtype), shape=(self.num_images, dim))
+            valid = np.lib.format.open_memmap(tmp_v, mode="w+", dtype=bool, shape=(self.num_images,))
+            valid[:] = False
+            self._fill(out, valid, dim)
+            out.flush()
+            valid.flush()
+            del out, valid
+        write_json(key_path, key)
+        return desc_path, valid_path
+
+    def verify(self) -> list[str]:
+        """Re-hash every finished shard against its marker; returns the problems found (empty: OK)."""
+        problems = []
+        for i, marker in sorted(self._read_markers().items()):
+            path = self._shard_path(i)
+            if not path.is_file():
+                problems.append(f"shard {i}: {path.name} is missing")
+            elif _file_sha256(path) != marker.get("sha256"):
+                problems.append(f"shard {i}: {path.name} does not match the sha256 in its marker")
+        return problems
+
+    def __repr__(self) -> str:
+        markers = self._read_markers()
+        n_fail = sum(len(m.get("failures", [])) for m in markers.values())
+        model = self.model_info.get("hash") or self.model_info.get("name") or "?"
+        model = str(model)[:12]
+        return (
+            f"DescriptorStore({str(self.root)!r}, images={self.num_images}, "
+            f"shards={len(markers)}/{self.num_shards} finished, dim={self.descriptor_dim}, "
+            f"dtype={self._static['dtype']}, model={model}, failures={n_fail})"
+        )
+
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    return np.dtype(np.float16) if dtype == torch.float16 else np.dtype(np.float32)
+
+
+_STATIC_KEYS = (
+    "format", "format_version", "created", "model", "settings", "dtype", "num_images", "images_file",
+    "images_sha256", "shard_size", "num_shards",
+)
+
+__all__ = ["DescriptorStore", "Failure", "images_digest", "FORMAT", "FORMAT_VERSION", "DEFAULT_SHARD_SIZE"]

@@ -1,0 +1,140 @@
+"""Extraction engine: multi-scale, bucketing, stores, resume after a kill, bad images."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dtop.engine.extract import ExtractSettings, describe, extract, extract_to_store
+from dtop.errors import DataError
+from dtop.models import build_model, save_checkpoint
+
+SETTINGS = ExtractSettings(image_size=64, scales=[0.75, 1.0])
+SIZES = [(80, 60), (60, 80), (70, 70), (90, 50)]
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        w, h = SIZES[i % len(SIZES)]
+        path = folder / f"img{i:03d}.jpg"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return build_model("dtop_tiny")
+
+
+def test_bucketed_batches_equal_one_image_at_a_time(tmp_path, model):
+    paths = make_images(tmp_path / "im", 9)
+    batched = extract(model, paths, settings=SETTINGS, batch_size=4)
+    single = torch.stack([describe(model, p, image_size=64, scales=[0.75, 1.0]) for p in paths])
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched.norm(dim=1), torch.ones(9))
+
+
+def test_multiscale_is_the_normalised_mean_of_scales(tmp_path, model):
+    paths = make_images(tmp_path / "im", 3)
+    per_scale = [extract(model, paths, settings=ExtractSettings(image_size=64, scales=[s])) for s in (0.75, 1.0)]
+    both = extract(model, paths, settings=SETTINGS)
+    expected = torch.nn.functional.normalize(per_scale[0] + per_scale[1], dim=1)
+    torch.testing.assert_close(both, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bbx_crops_the_image(tmp_path, model):
+    paths = make_images(tmp_path / "im", 1)
+    bbx = [10.0, 5.0, 50.0, 45.0]
+    cropped = extract(model, paths, bbxs=[bbx], settings=SETTINGS)
+    Image.open(paths[0]).crop((10, 5, 50, 45)).save(tmp_path / "crop.png")
+    torch.testing.assert_close(cropped[0], extract(model, [tmp_path / "crop.png"], settings=SETTINGS)[0])
+
+
+def test_store_equals_in_memory_extraction_and_is_reused(tmp_path, model):
+    paths = make_images(tmp_path / "im", 7)
+    store = extract_to_store(model, paths, tmp_path / "store", settings=SETTINGS, shard_size=3,
+                             num_workers=2, progress=False)
+    descriptors, valid = store.load()
+    assert valid.all()
+    torch.testing.assert_close(descriptors, extract(model, paths, settings=SETTINGS), rtol=1e-6, atol=1e-6)
+    mtime = (tmp_path / "store" / "shard-00000.safetensors").stat().st_mtime_ns
+    extract_to_store(model, paths, tmp_path / "store", settings=SETTINGS, shard_size=3, progress=False)
+    assert (tmp_path / "store" / "shard-00000.safetensors").stat().st_mtime_ns == mtime  # skipped
+    other = build_model("dtop_tiny", ["dim=32"])
+    with pytest.raises(DataError, match="--overwrite"):
+        extract_to_store(other, paths, tmp_path / "store", settings=SETTINGS, shard_size=3, progress=False)
+
+
+def _shard_bytes(store: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(store.glob("shard-*.safetensors"))}
+
+
+def test_killed_run_resumes_to_the_same_store(tmp_path, model):
+    paths = make_images(tmp_path / "im", 12)
+    ckpt = save_checkpoint(model, tmp_path / "m.safetensors")
+    cmd = [sys.executable, "-m", "dtop.cli.main", "extract", "--model", str(ckpt), "--images", str(tmp_path / "im"),
+           "--image-size", "64", "--scales", "0.75", "1.0", "--shard-size", "2", "--workers", "0",
+           "--batch-size", "2", "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    uninterrupted = tmp_path / "full"
+    subprocess.run([*cmd, "--out", str(uninterrupted)], check=True, env=env, timeout=120)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "--out", str(killed)], env=env)
+    deadline = time.monotonic() + 60
+    while not list(killed.glob("shard-00001.done.json")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(killed.glob("shard-*.done.json")))
+    assert 1 <= done_before < 6, "the kill should land mid-way"
+    subprocess.run([*cmd, "--out", str(killed)], check=True, env=env, timeout=120)
+    assert _shard_bytes(killed) == _shard_bytes(uninterrupted)
+    assert len(_shard_bytes(killed)) == 6
+    assert not list(killed.glob(".*.tmp"))
+
+
+def _bad_images(folder: Path) -> dict[str, Path]:
+    good = make_images(folder, 2)
+    rgb = np.random.default_rng(1).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    files = {"good0": good[0], "good1": good[1]}
+    files["gray"] = folder / "gray.png"
+    Image.fromarray(rgb[..., 0]).save(files["gray"])
+    files["cmyk"] = folder / "cmyk.jpg"
+    Image.fromarray(rgb).convert("CMYK").save(files["cmyk"])
+    files["alpha"] = folder / "alpha.png"
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(files["alpha"])
+    files["zero"] = folder / "zero.jpg"
+    files["zero"].write_bytes(b"")
+    files["truncated"] = folder / "truncated.jpg"
+    files["truncated"].write_bytes(good[0].read_bytes()[:300])
+    files["missing"] = folder / "missing.jpg"
+    return files
+
+
+def test_bad_images_are_named_and_fail_unless_skipped(tmp_path, model):
+    files = _bad_images(tmp_path / "im")
+    paths = list(files.values())
+    with pytest.raises(DataError, match=r"3 image\(s\) could not be read") as err:
+        extract_to_store(model, paths, tmp_path / "store", settings=SETTINGS, shard_size=4, progress=False)
+    for name in ("zero.jpg", "truncated.jpg", "missing.jpg"):
+        assert name in str(err.value) or name in (tmp_path / "store" / "manifest.json").read_text()
+    store = extract_to_store(model, paths, tmp_path / "store", settings=SETTINGS, shard_size=4,
+                             skip_bad=True, progress=False)
+    descriptors, valid = store.load()
+    names = list(files)
+    assert [names[i] for i in range(len(names)) if not valid[i]] == ["zero", "truncated", "missing"]
+    assert {Path(f.path).name for f in store.failures()} == {"zero.jpg", "truncated.jpg", "missing.jpg"}
+    torch.testing.assert_close(descriptors[valid].norm(dim=1), torch.ones(int(valid.sum())))
