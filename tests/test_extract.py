@@ -82,7 +82,7 @@ def _shard_bytes(store: Path) -> dict[str, bytes]:
 
 
 def test_killed_run_resumes_to_the_same_store(tmp_path, model):
-    paths = make_images(tmp_path / "im", 12)
+    make_images(tmp_path / "im", 12)
     ckpt = save_checkpoint(model, tmp_path / "m.safetensors")
     cmd = [sys.executable, "-m", "dtop.cli.main", "extract", "--model", str(ckpt), "--images", str(tmp_path / "im"),
            "--image-size", "64", "--scales", "0.75", "1.0", "--shard-size", "2", "--workers", "0",
