@@ -49,14 +49,21 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "datasets", nargs="+", choices=list(CATALOGUE), metavar="DATASET",
+        "datasets",
+        nargs="+",
+        choices=list(CATALOGUE),
+        metavar="DATASET",
         help=f"dataset(s) to download: {', '.join(CATALOGUE)}",
     )
     p.add_argument("--root", required=True, help="data folder; each dataset goes to ROOT/<dataset>/")
-    p.add_argument("--base-url", default=None,
-                   help=f"mirror replacing the official hosts (default: ${BASE_URL_ENV} if set)")
-    p.add_argument("--keep-archives", action="store_true",
-                   help="keep the downloaded archives in ROOT/<dataset>/.download/ after extraction")
+    p.add_argument(
+        "--base-url", default=None, help=f"mirror replacing the official hosts (default: ${BASE_URL_ENV} if set)"
+    )
+    p.add_argument(
+        "--keep-archives",
+        action="store_true",
+        help="keep the downloaded archives in ROOT/<dataset>/.download/ after extraction",
+    )
     p.add_argument("--retries", type=int, default=5, help="retries per file on network errors (default 5)")
     p.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -14,7 +14,10 @@ import sys
 from dtop.errors import DtopError
 
 # Order is the order of `dtop --help`.
-COMMANDS: list[str] = ["info", "download", "extract", "score", "evaluate", "index", "search"]
+COMMANDS: list[str] = [
+    "info", "download", "data", "extract", "score", "evaluate", "index", "search",
+    "train", "plot", "demo", "report",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,11 +50,12 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
+from dtop.data.revisited import R1M_SIZE, image_file_name, read_image_list, safe_relative
 from dtop.errors import DataError
 from dtop.utils.io import write_json
 
@@ -67,7 +68,6 @@ MARKER_NAME = ".dtop_download.json"
 USER_AGENT = "dtop-download/0.1 (+https://github.com/; research dataset download)"
 CHUNK = 1 << 20
 R1M_ARCHIVES = 100
-R1M_SIZE = 1_001_001
 
 
 class DownloadError(DataError):
@@ -76,6 +76,10 @@ class DownloadError(DataError):
 
 class ChecksumError(DownloadError):
     """A downloaded file does not have its expected md5; the file was deleted."""
+
+
+class CorruptArchiveError(DownloadError):
+    """An archive cannot be read to its end (truncated, bad gzip CRC, not a tar file)."""
 
 
 @dataclass(frozen=True)
@@ -113,13 +117,11 @@ _R1M_URL = "http://ptak.felk.cvut.cz/revisitop/revisitop1m/"
 CATALOGUE: dict[str, DatasetSource] = {
     "roxford5k": DatasetSource(
         name="roxford5k",
-        description="Revisited Oxford: 4,993 database images + 70 queries (ground truth + 1 archive, ~1.8 GB)",
+        description="Revisited Oxford: 4,993 database images + 70 queries (ground truth + 1 archive)",
         expected_images=4993 + 70,
         resources=(
             # md5 recorded from the official gnd file (the host publishes none).
-            Resource(
-                "gnd_roxford5k.pkl", _GND_URL.format("roxford5k"), "gnd", "f2b67579f625a587b5b0828dbf2e8eb0"
-            ),
+            Resource("gnd_roxford5k.pkl", _GND_URL.format("roxford5k"), "gnd", "f2b67579f625a587b5b0828dbf2e8eb0"),
             Resource(
                 "oxbuild_images-v1.tgz",
                 "https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images-v1.tgz",
@@ -129,12 +131,10 @@ CATALOGUE: dict[str, DatasetSource] = {
     ),
     "rparis6k": DatasetSource(
         name="rparis6k",
-        description="Revisited Paris: 6,322 database images + 70 queries (ground truth + 2 archives, ~2.4 GB)",
+        description="Revisited Paris: 6,322 database images + 70 queries (ground truth + 2 archives)",
         expected_images=6322 + 70,
         resources=(
-            Resource(
-                "gnd_rparis6k.pkl", _GND_URL.format("rparis6k"), "gnd", "2feae0a8257a5c6ca1b31b8eb73c8571"
-            ),
+            Resource("gnd_rparis6k.pkl", _GND_URL.format("rparis6k"), "gnd", "2feae0a8257a5c6ca1b31b8eb73c8571"),
             Resource(
                 "paris_1-v1.tgz", "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_1-v1.tgz", "archive"
             ),
@@ -145,7 +145,7 @@ CATALOGUE: dict[str, DatasetSource] = {
     ),
     "revisitop1m": DatasetSource(
         name="revisitop1m",
-        description="R1M distractors: 1,001,001 images (image list + 100 archives, very large)",
+        description="R1M distractors: 1,001,001 images (image list + 100 archives, large)",
         expected_images=R1M_SIZE,
         resources=(
             Resource("revisitop1m.txt", _R1M_URL + "revisitop1m.txt", "list"),
@@ -247,7 +247,8 @@ def fetch(
     A ``.part`` left by an interrupted run is continued with ``Range: bytes=N-``. A 200 answer to a
     range request (the server ignores Range), a range that starts elsewhere, or a 416 for a part
     larger than the file restarts from zero. Dropped connections and 5xx answers are retried up to
-    ``retries`` times (waiting ``backoff`` × 2^k seconds). When complete, the length is checked
+    ``retries`` times in a row (waiting ``backoff`` × 2^k seconds; an attempt that received at least
+    1 MiB resets the count). When complete, the length is checked
     against the announced total, the md5 against ``md5`` (if given) and ``validate(part)`` is
     called; any failure deletes the ``.part`` and raises :class:`DownloadError` (or
     :class:`ChecksumError`). If ``dest`` exists it is returned unchanged (only complete, verified
@@ -343,16 +344,22 @@ def fetch(
                     leave=False,
                 ) as bar,
             ):
-                try:
-                    while chunk := response.read(CHUNK):
-                        out.write(chunk)
-                        if h is not None:
-                            h.update(chunk)
-                        bar.update(len(chunk))
-                except (*_TRANSIENT, OSError) as err:
-                    interrupted = err
+                while True:
+                    try:
+                        chunk = response.read(CHUNK)
+                    except (*_TRANSIENT, OSError) as err:  # network trouble only; write errors propagate
+                        interrupted = err
+                        break
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    if h is not None:
+                        h.update(chunk)
+                    bar.update(len(chunk))
         size = part.stat().st_size
         if interrupted is not None or (total is not None and size < total):
+            if size - offset >= CHUNK:
+                failures = 0  # this attempt made progress: count retries afresh
             if failures < retries:
                 failures += 1
                 why = interrupted or f"connection closed at {size} of {total} bytes"
@@ -391,17 +398,6 @@ def fetch(
 # Extraction
 
 
-def _safe_relative(name: str) -> str | None:
-    """Normalised relative POSIX path, or None if ``name`` is absolute, empty or climbs with ``..``."""
-    name = name.replace("\\", "/").strip()
-    if not name or name.startswith("/"):
-        return None
-    parts = [p for p in PurePosixPath(name).parts if p not in ("", ".")]
-    if not parts or any(p == ".." for p in parts):
-        return None
-    return "/".join(parts)
-
-
 def _open_archive_stream(path: Path) -> tuple[BinaryIO, Any]:
     """Open ``path`` for sequential reading: (raw stream for tarfile, gzip object or None)."""
     raw = open(path, "rb")
@@ -427,8 +423,8 @@ def extract_archive(
     member ``paris/louvre/paris_louvre_000001.jpg`` matches ``paris_louvre_000001.jpg`` and is
     written to ``dest_dir/paris_louvre_000001.jpg`` (this flattens archive sub-folders). Each file is
     written in ``staging_dir`` and renamed into place. The archive is read to its very end (gzip
-    CRC and length included). Returns ``(written, skipped)``; raises :class:`DownloadError` if the
-    archive is corrupt or truncated.
+    CRC and length included). Returns ``(written, skipped)``; raises :class:`CorruptArchiveError` if
+    the archive is corrupt or truncated, :class:`DownloadError` if writing fails (e.g. disk full).
     """
     archive = Path(archive)
     dest_dir = Path(dest_dir)
@@ -446,7 +442,7 @@ def extract_archive(
             for member in tar:
                 if not member.isfile():
                     continue
-                rel = _safe_relative(member.name)
+                rel = safe_relative(member.name)
                 match = None
                 if rel is not None:
                     parts = rel.split("/")
@@ -470,7 +466,7 @@ def extract_archive(
                 with open(tmp, "wb") as out:
                     shutil.copyfileobj(src, out, CHUNK)
                 if tmp.stat().st_size != member.size:
-                    raise DownloadError(f"{archive}: member {member.name} is truncated")
+                    raise CorruptArchiveError(f"{archive.name} is corrupt or truncated (member {member.name})")
                 os.replace(tmp, target)
                 written += 1
                 bar.update(1)
@@ -480,9 +476,7 @@ def extract_archive(
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError) as err:
         if isinstance(err, OSError) and not isinstance(err, gzip.BadGzipFile) and err.errno is not None:
             raise DownloadError(f"cannot extract {archive} into {dest_dir}: {err}") from err
-        raise DownloadError(
-            f"{archive.name} is corrupt or truncated ({type(err).__name__}: {err})"
-        ) from err
+        raise CorruptArchiveError(f"{archive.name} is corrupt or truncated ({type(err).__name__}: {err})") from err
     finally:
         stream.close()
         if raw is not None:
@@ -493,38 +487,6 @@ def extract_archive(
 
 # --------------------------------------------------------------------------------------------------
 # Datasets
-
-
-def read_image_list(path: str | os.PathLike) -> list[str]:
-    """Read an image list (one relative path per line, like ``revisitop1m.txt``); validate each name.
-
-    Blank lines are ignored; a name without an extension gets ``.jpg`` (the reference rule); an
-    absolute name or one with ``..`` is refused.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not a UTF-8 text image list ({err})") from err
-    except FileNotFoundError:
-        raise DataError(f"image list not found: {path}. Run `dtop download revisitop1m --root DIR`.") from None
-    names: list[str] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        rel = _safe_relative(line)
-        if rel is None:
-            raise DataError(f"{path}:{lineno}: {line!r} is not a relative image path inside jpg/")
-        names.append(image_file_name(rel))
-    if not names:
-        raise DataError(f"{path}: the image list is empty")
-    return names
-
-
-def image_file_name(name: str) -> str:
-    """File name of an image listed as ``name``: ``name`` itself if it has an extension, else ``name.jpg``."""
-    return name if PurePosixPath(name).suffix else name + ".jpg"
 
 
 def _present(jpg_dir: Path) -> set[str]:
@@ -620,6 +582,7 @@ def download_dataset(
         gnd = load_gnd(index_path)
         names = [image_file_name(n) for n in [*gnd.imlist, *gnd.qimlist]]
     else:
+
         def check_list(p: Path) -> None:
             n = len(read_image_list(p))
             if source.expected_images is not None and n != source.expected_images:
@@ -657,7 +620,7 @@ def download_dataset(
             written, skipped = extract_archive(
                 archive_path, jpg_dir, expected, staging_dir=dl_dir / "staging", progress=progress
             )
-        except DownloadError as err:
+        except CorruptArchiveError as err:
             archive_path.unlink(missing_ok=True)
             raise DownloadError(f"{err}; deleted it, run the command again to download it afresh") from err
         note = f", skipped {skipped} not in the benchmark" if skipped else ""

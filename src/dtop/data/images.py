@@ -84,7 +84,7 @@ class ImageLoadError(DataError):
 def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """Convert a loaded image of any PIL mode to 8-bit RGB (see the module docstring)."""
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode.startswith("I;16") or mode == "I" or mode == "F":
         arr = np.asarray(img)
@@ -99,9 +99,7 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
                 arr = (np.clip(arr, 0, 65535) * 255 + 32767) // 65535  # round(v / 257)
             out = np.clip(arr, 0, 255).astype(np.uint8)
         return Image.fromarray(out, mode="L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode in ("P", "L", "RGB") and "transparency" in img.info
-    )
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L", "RGB") and "transparency" in img.info)
     if has_alpha:
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (*background, 255))
@@ -135,7 +133,10 @@ def _open_rgb(
     if size == 0:
         raise ImageLoadError(path, "empty file (0 bytes); the download or copy failed, fetch it again")
     try:
-        with Image.open(path) as im:
+        # Open the file ourselves: closing it after load() keeps the decoded pixels, whereas closing
+        # a PIL image that opened its own file discards them (and would force a copy).
+        with open(path, "rb") as fp:
+            im = Image.open(fp)
             orientation = 1
             try:
                 orientation = int(im.getexif().get(_ORIENTATION_TAG, 1) or 1)
@@ -147,9 +148,7 @@ def _open_rgb(
                 if k < 1.0:
                     im.draft(im.mode, (max(1, math.ceil(w * k)), max(1, math.ceil(h * k))))
             im.load()
-            rgb = _to_rgb(im, background)
-            if rgb is im:
-                rgb = im.copy()
+        rgb = _to_rgb(im, background)
     except UnidentifiedImageError:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -264,9 +263,7 @@ def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> 
 class ResizeToTensor:
     """Transform: :func:`resize_image` to ``long_side`` then :func:`to_tensor` (picklable for workers)."""
 
-    def __init__(
-        self, long_side: float, mean: Sequence[float], std: Sequence[float], multiple: int = 16
-    ) -> None:
+    def __init__(self, long_side: float, mean: Sequence[float], std: Sequence[float], multiple: int = 16) -> None:
         self.long_side = float(long_side)
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
@@ -277,10 +274,7 @@ class ResizeToTensor:
         return to_tensor(resize_image(img, self.long_side, self.multiple), self.mean, self.std)
 
     def __repr__(self) -> str:
-        return (
-            f"ResizeToTensor(long_side={self.long_side}, mean={self.mean}, std={self.std}, "
-            f"multiple={self.multiple})"
-        )
+        return f"ResizeToTensor(long_side={self.long_side}, mean={self.mean}, std={self.std}, multiple={self.multiple})"
 
 
 @dataclass(frozen=True)

@@ -259,7 +259,6 @@ class _RankCounter:
         m = max(self.sizes, default=0)
         self.width = m
         self.trash = nq * (m + 1)
-        self.hist = torch.zeros(self.trash + 1, dtype=torch.int64)
         if m == 0:
             return
         idx = torch.zeros((nq, m), dtype=torch.int64)
@@ -284,89 +283,101 @@ class _RankCounter:
         self.order = order
         self.thresholds = thr.contiguous()
         self.ties_before = ties_before.gather(1, order)
-        # cell map and look-up table
+        # cell map and look-up table (numpy from here on: in-place ufuncs on reused buffers are
+        # several times faster than allocating torch temporaries for every block)
         grid = int(min(1 << 16, max(1024, 32 * m)))
         self.grid = grid
         n_cells = grid + 3
-        scale = torch.ones(nq, dtype=self.dtype)
-        shift = torch.zeros(nq, dtype=self.dtype)
+        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+        scale = np.ones((nq, 1), dtype=np_dtype)
+        shift = np.zeros((nq, 1), dtype=np_dtype)
+        thr_np = thr.numpy()
         for q, size in enumerate(self.sizes):
             if size == 0:
                 continue
-            t = thr[q, :size]
-            lo, hi = float(t[0]), float(t[-1])
+            lo, hi = float(thr_np[q, 0]), float(thr_np[q, size - 1])
             a = grid / (hi - lo) if hi > lo else 1.0
             if not math.isfinite(a) or a > 1e30:
                 a = 1.0
             scale[q] = a
             shift[q] = lo * a
-        self.scale = scale.unsqueeze(1)
-        self.shift = shift.unsqueeze(1)
-        self.cell_offsets = (torch.arange(nq, dtype=torch.int64) * n_cells).unsqueeze(1)
-        cells = self._cells(thr) + self.cell_offsets  # non-decreasing along each row
-        per_cell = torch.bincount(cells[valid.gather(1, order)], minlength=nq * n_cells).view(nq, n_cells)
+        self.scale, self.shift = scale, shift
+        # +1 so that cells start at 0, and each query gets its own range of the look-up table
+        self.cell_offsets = (np.arange(nq, dtype=np.int32) * n_cells + 1).reshape(nq, 1)
+        cells = self._cells(thr_np, np.empty(thr_np.shape, np_dtype), np.empty(thr_np.shape, np.int32))
+        per_cell = np.bincount(cells[valid.gather(1, order).numpy()], minlength=nq * n_cells).reshape(nq, n_cells)
         upto = per_cell.cumsum(1)  # thresholds in cells <= c
         below = upto - per_cell  # thresholds in cells < c
-        bin_offsets = (torch.arange(nq, dtype=torch.int64) * (m + 1)).unsqueeze(1)
-        lut = torch.where(per_cell > 0, torch.full_like(below, self.trash), below + bin_offsets)
-        self.lut = lut.view(-1)
-        self.below = below.view(-1)
-        self.upto = upto.view(-1)
+        bin_offsets = (np.arange(nq, dtype=np.int64) * (m + 1)).reshape(nq, 1)
+        lut = np.where(per_cell > 0, self.trash, below + bin_offsets)
+        self.lut = lut.astype(np.int32).ravel()  # global bin of an image in that cell, or trash
+        self.below = below.ravel()
+        self.upto = upto.ravel()
         self.steps = max(1, int(per_cell.max()).bit_length())
+        self.thresholds_np = np.ascontiguousarray(thr_np).ravel()
+        self.hist_np = np.zeros(self.trash + 1, dtype=np.int64)
+        self._buffers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
-    def _cells(self, x: torch.Tensor) -> torch.Tensor:
-        """Monotone cell index (shifted to start at 0) of scores ``(n_queries, c)``."""
-        y = x * self.scale
-        y -= self.shift
-        y.clamp_(-1.0, self.grid + 1.0)
-        cells = y.to(torch.int64)
-        cells += 1
-        return cells
+    def _cells(self, x: np.ndarray, y: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Monotone global cell index of scores ``x`` ``(n_queries, c)``, using buffers y and out."""
+        np.multiply(x, self.scale, out=y)
+        np.subtract(y, self.shift, out=y)
+        np.clip(y, -1.0, self.grid + 1.0, out=y)
+        np.copyto(out, y, casting="unsafe")  # truncation toward zero: monotone
+        np.add(out, self.cell_offsets, out=out)
+        return out
 
-    def update(self, block: torch.Tensor) -> None:
-        """Count one block of scores ``(n_queries, c)``."""
+    def update(self, block: np.ndarray) -> None:
+        """Count one block of scores ``(n_queries, c)`` (numpy, the counter's dtype)."""
         if self.width == 0:
             return
-        block = block.to(device="cpu", dtype=self.dtype).contiguous()
-        width = block.shape[1]
-        cells = self._cells(block)
-        cells += self.cell_offsets
-        bins = torch.index_select(self.lut, 0, cells.view(-1))
-        self.hist += torch.bincount(bins, minlength=self.hist.numel())
-        hot = torch.nonzero(bins == self.trash).squeeze(1)
-        if hot.numel() == 0:
+        nq, width = block.shape
+        size = nq * width
+        if self._buffers is None or self._buffers[0].size < size:
+            self._buffers = (
+                np.empty(size, dtype=block.dtype),
+                np.empty(size, dtype=np.int32),
+                np.empty(size, dtype=np.int32),
+            )
+        y = self._buffers[0][:size].reshape(nq, width)
+        cells = self._cells(block, y, self._buffers[1][:size].reshape(nq, width)).ravel()
+        bins = self._buffers[2][:size]
+        np.take(self.lut, cells, out=bins)
+        self.hist_np += np.bincount(bins, minlength=self.hist_np.size)
+        hot = np.flatnonzero(bins == self.trash)
+        if hot.size == 0:
             return
         # exact bins of images whose cell holds thresholds: vectorised binary search restricted to
         # the thresholds of that cell (a contiguous range of the query's sorted thresholds)
-        values = block.view(-1)[hot]
-        cell = cells.view(-1)[hot]
-        rows = torch.div(hot, width, rounding_mode="floor")
-        lo, hi = self.below[cell], self.upto[cell]
-        thr = self.thresholds.view(-1)
+        values = block.ravel()[hot]
+        cell = cells[hot]  # global cell index: query * n_cells + cell
+        rows = hot // width
+        lo = self.below[cell]
+        hi = self.upto[cell]
         base = rows * self.width
         for _ in range(self.steps):
             active = lo < hi
-            mid = torch.div(lo + hi, 2, rounding_mode="floor")
-            less = thr[base + torch.minimum(mid, hi - 1).clamp_(min=0)] < values
-            go_right = active & less
-            go_left = active & ~less
-            lo = torch.where(go_right, mid + 1, lo)
-            hi = torch.where(go_left, mid, hi)
-        self.hist += torch.bincount(rows * (self.width + 1) + lo, minlength=self.hist.numel())
+            mid = (lo + hi) // 2
+            probe = np.clip(np.minimum(mid, hi - 1), 0, None)
+            less = self.thresholds_np[base + probe] < values
+            lo = np.where(active & less, mid + 1, lo)
+            hi = np.where(active & ~less, mid, hi)
+        self.hist_np += np.bincount(rows * (self.width + 1) + lo, minlength=self.hist_np.size)
 
     def positions(self) -> list[np.ndarray]:
         """0-based positions in the full ranking, aligned with ``interest[q]``."""
         if self.width == 0:
             return [np.empty(0, dtype=np.int64) for _ in range(self.n_queries)]
-        hist = self.hist[: self.trash].view(self.n_queries, self.width + 1)
+        hist = self.hist_np[: self.trash].reshape(self.n_queries, self.width + 1)
         # an image counted in bin b scores higher than thresholds 0..b-1
-        greater = hist.flip(1).cumsum(1).flip(1)[:, 1:]
-        pos_sorted = greater + self.ties_before
+        greater = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1:]
+        pos_sorted = greater + self.ties_before.numpy()
+        order = self.order.numpy()
         out = []
         for q, size in enumerate(self.sizes):
-            res = torch.empty(size, dtype=torch.int64)
-            res[self.order[q, :size]] = pos_sorted[q, :size]
-            out.append(res.numpy())
+            res = np.empty(size, dtype=np.int64)
+            res[order[q, :size]] = pos_sorted[q, :size]
+            out.append(res)
         return out
 
 
@@ -388,8 +399,7 @@ def _positions_from_scores(scores: Any, interest: Sequence[Any]) -> tuple[list[n
         raise DataError("positions_from_scores: negative image index of interest")
     nq = len(sets)
     head_size = max((int(s[-1]) + 1 for s in sets if s.size), default=0)
-    head_blocks: list[torch.Tensor] = []
-    pending: list[torch.Tensor] = []
+    pending: list[np.ndarray] = []
     seen = 0
     counter: _RankCounter | None = None
     dtype: torch.dtype | None = None
@@ -399,26 +409,26 @@ def _positions_from_scores(scores: Any, interest: Sequence[Any]) -> tuple[list[n
                 f"a block of scores has shape {tuple(block.shape)}; expected ({nq}, n_images): one row "
                 "per query"
             )
-        if block.is_floating_point() and not bool(torch.isfinite(block).all()):
-            raise DataError(
-                f"scores of images {seen}..{seen + block.shape[1] - 1} contain NaN or infinity; check "
-                "the descriptors for NaN (e.g. an L2 normalisation of an all-zero vector)"
-            )
-        seen += block.shape[1]
         if dtype is None:  # float64 and integer scores are compared in float64, the rest in float32
             wide = block.dtype == torch.float64 or not block.is_floating_point()
             dtype = torch.float64 if wide else torch.float32
+        arr = np.ascontiguousarray(block.detach().to(device="cpu", dtype=dtype).numpy())
+        if arr.size and not (math.isfinite(arr.min()) and math.isfinite(arr.max())):  # NaN propagates
+            raise DataError(
+                f"scores of images {seen}..{seen + arr.shape[1] - 1} contain NaN or infinity; check "
+                "the descriptors for NaN (e.g. an L2 normalisation of an all-zero vector)"
+            )
+        seen += arr.shape[1]
         if counter is None:
-            head_blocks.append(block.to(device="cpu", dtype=dtype))
-            pending.append(block)
+            pending.append(arr)
             if seen >= head_size:
-                head = torch.cat(head_blocks, dim=1)[:, :head_size]
+                head = torch.from_numpy(np.concatenate(pending, axis=1)[:, :head_size])
                 counter = _RankCounter(sets, head)
                 for b in pending:
                     counter.update(b)
-                head_blocks, pending = [], []
+                pending = []
         else:
-            counter.update(block)
+            counter.update(arr)
     if counter is None:
         raise DataError(
             f"the scores cover {seen} images but the ground truth refers to image index {head_size - 1}; "
