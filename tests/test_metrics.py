@@ -320,6 +320,29 @@ def test_positions_from_scores_counts_higher_scores() -> None:
         assert got[q].tolist() == position[q, sorted(idx)].tolist()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_positions_from_scores_adversarial_values(dtype: type) -> None:
+    # neighbouring floats, signed zeros, subnormals and huge values: the cell map must stay exact
+    rng = np.random.default_rng(1)
+    one = dtype(1)
+    special = np.array(
+        [0.0, -0.0, 1e-40, -1e-40, 1e30, -1e30, 1.0, np.nextafter(one, 2), np.nextafter(one, 0), 0.5, 0.5],
+        dtype=dtype,
+    )
+    base = np.concatenate([special, np.nextafter(one, 2) + np.zeros(5, dtype)])
+    scores = np.stack([rng.permutation(np.concatenate([base, rng.choice(base, 400)])) for _ in range(4)])
+    scores = scores.astype(dtype)
+    scores[3] = scores[3] * 1e-3  # a query whose thresholds are all tiny
+    position = np.argsort(np.argsort(-scores, axis=1, kind="stable"), axis=1)
+    interest = [rng.choice(scores.shape[1], 60, replace=False) for _ in range(4)]
+    got = positions_from_scores(scores, interest)
+    for q in range(4):
+        assert got[q].tolist() == position[q, np.unique(interest[q])].tolist()
+    # one block at a time, the same
+    blocks = [scores[:, i : i + 7] for i in range(0, scores.shape[1], 7)]
+    assert [g.tolist() for g in positions_from_scores(blocks, interest)] == [g.tolist() for g in got]
+
+
 def test_scores_errors(roxf: GroundTruth) -> None:
     with pytest.raises(DataError, match="cover 100 images"):
         positions_from_scores(np.zeros((1, 100)), [[100]])

@@ -246,9 +246,7 @@ class GroundTruth:
     def from_dict(cls, obj: Any, name: str = "", source: str = "<memory>") -> GroundTruth:
         """Build from the official dict layout (``imlist``, ``qimlist``, ``gnd``, optional ``name``)."""
         if not isinstance(obj, dict):
-            raise _fail(
-                source, f"expected a dict with 'imlist', 'qimlist' and 'gnd', got {type(obj).__name__}"
-            )
+            raise _fail(source, f"expected a dict with 'imlist', 'qimlist' and 'gnd', got {type(obj).__name__}")
         missing = [k for k in ("imlist", "qimlist", "gnd") if k not in obj]
         if missing:
             raise _fail(source, f"missing keys {missing}; a ground-truth dict has 'imlist', 'qimlist', 'gnd'")

@@ -29,7 +29,7 @@ FORMAT_VERSION = "1"
 EXTRA_PREFIX = "__extra__."
 HEADER_KEY = "dtop"
 #: Config fields that do not change the model's parameters (ignored when comparing configs).
-NON_ARCHITECTURAL = ("pretrained", "gem_p")
+NON_ARCHITECTURAL = ("pretrained", "gem_p", "init_seed")
 
 
 @dataclass

@@ -51,6 +51,8 @@ class ModelConfig:
     #: Initial GeM exponent and whether it is learned.
     gem_p: float = 3.0
     gem_p_trainable: bool = True
+    #: Seed of the random initialisation (the same config always builds the same model).
+    init_seed: int = 0
     #: Input normalisation; None = the backbone's pretrained statistics.
     mean: list[float] | None = None
     std: list[float] | None = None

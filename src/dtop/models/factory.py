@@ -13,6 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dtop.config import apply_overrides, from_dict, load_config
 from dtop.errors import ConfigError
 from dtop.models.base import RetrievalModel
@@ -91,5 +93,8 @@ def build_model(
     torch.Size([2, 64])
     """
     cfg = resolve_model_config(config, overrides)
-    model = ARCH_REGISTRY[cfg.arch](cfg)
+    # Seeded in a forked RNG: reproducible initialisation without touching the caller's RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        model = ARCH_REGISTRY[cfg.arch](cfg)
     return model.eval()

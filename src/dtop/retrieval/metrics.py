@@ -156,8 +156,7 @@ def check_ranks(ranks: Any, n_queries: int) -> np.ndarray:
     ranks = np.asarray(ranks)
     if ranks.dtype.kind not in "iu":
         raise DataError(
-            f"ranks must hold integer database indices, got dtype {ranks.dtype}; "
-            "convert with ranks.astype(np.int64)"
+            f"ranks must hold integer database indices, got dtype {ranks.dtype}; convert with ranks.astype(np.int64)"
         )
     if ranks.ndim != 2:
         raise DataError(f"ranks must be 2-D (n_ranked, n_queries), got shape {ranks.shape}")
@@ -181,9 +180,7 @@ def check_ranks(ranks: Any, n_queries: int) -> np.ndarray:
     return ranks
 
 
-def _positions_in_ranks(
-    column: np.ndarray, pos: np.ndarray, junk: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _positions_in_ranks(column: np.ndarray, pos: np.ndarray, junk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """0-based positions in ``column`` of the entries that are positives / junk (like np.in1d)."""
     size = int(max(pos.max(initial=-1), junk.max(initial=-1))) + 1
     if size == 0:
@@ -281,7 +278,6 @@ class _RankCounter:
         values = torch.where(valid, values, torch.full_like(values, math.inf))
         thr, order = torch.sort(values, dim=1, stable=True)
         self.order = order
-        self.thresholds = thr.contiguous()
         self.ties_before = ties_before.gather(1, order)
         # cell map and look-up table (numpy from here on: in-place ufuncs on reused buffers are
         # several times faster than allocating torch temporaries for every block)
@@ -406,8 +402,7 @@ def _positions_from_scores(scores: Any, interest: Sequence[Any]) -> tuple[list[n
     for block in _score_blocks(scores):
         if block.ndim != 2 or block.shape[0] != nq:
             raise DataError(
-                f"a block of scores has shape {tuple(block.shape)}; expected ({nq}, n_images): one row "
-                "per query"
+                f"a block of scores has shape {tuple(block.shape)}; expected ({nq}, n_images): one row per query"
             )
         if dtype is None:  # float64 and integer scores are compared in float64, the rest in float32
             wide = block.dtype == torch.float64 or not block.is_floating_point()
@@ -457,9 +452,7 @@ def _protocol_positions(
 # ------------------------------------------------------------------------------------- evaluate
 
 
-def _result(
-    metrics: tuple[float, np.ndarray, np.ndarray, np.ndarray], kappas: Sequence[int]
-) -> dict[str, Any]:
+def _result(metrics: tuple[float, np.ndarray, np.ndarray, np.ndarray], kappas: Sequence[int]) -> dict[str, Any]:
     mean_ap, aps, pr, _ = metrics
     return {
         "map": float(mean_ap),

@@ -25,6 +25,7 @@ database matrix.
 from __future__ import annotations
 
 import abc
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -80,10 +81,11 @@ def _parts(database: Any) -> list[np.ndarray | torch.Tensor]:
     return parts
 
 
-def _device(device: str | torch.device | None, queries: Any) -> torch.device:
-    if device is None:
-        if isinstance(queries, torch.Tensor):
-            return queries.device
+def _device(device: str | torch.device | None, queries: Any, parts: list[Any]) -> torch.device:
+    if device is None:  # where the data already is: a CUDA tensor among the inputs, else the CPU
+        for x in (queries, *parts):
+            if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+                return x.device
         return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -149,7 +151,7 @@ def iter_scores(
             f"queries have dimension {queries.shape[1]} but the database has {parts[0].shape[1]}; "
             "extract both with the same model"
         )
-    dev = _device(device, queries)
+    dev = _device(device, queries, parts)
     dtype = _compute_dtype(queries, *parts)
     n_total = sum(int(p.shape[0]) for p in parts)
     rows = _chunk_rows(n_total, int(queries.shape[0]), chunk_size)
@@ -162,19 +164,28 @@ def iter_scores(
 
 
 def _block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top k of each row by (score desc, column asc); exact also when ties straddle the k-th place."""
-    vals, idx = torch.topk(scores, k, dim=1, largest=True, sorted=False)
-    kth = vals.min(dim=1, keepdim=True).values
-    crowded = ((scores >= kth).sum(dim=1) > k).nonzero().squeeze(1)
-    if crowded.numel():  # rare: equal scores at the boundary; pick the lowest columns among them
-        sub = torch.sort(scores[crowded], dim=1, descending=True, stable=True)
-        vals[crowded] = sub.values[:, :k]
-        idx[crowded] = sub.indices[:, :k]
-    # order by (score desc, column asc): sort by column, then stable sort by score
+    """Top k of each row by (score desc, column asc), exact also when ties straddle the k-th place.
+
+    ``topk`` picks arbitrarily among equal scores, so it is asked for k + 1: where the smallest of
+    those is unique, the k best are unambiguous; otherwise (rare) the row is stably sorted.
+    """
+    n = scores.shape[1]
+    if k >= n:
+        res = torch.sort(scores, dim=1, descending=True, stable=True)
+        return res.values, res.indices
+    vals, idx = torch.topk(scores, k + 1, dim=1, largest=True, sorted=False)
+    lowest = vals.min(dim=1, keepdim=True).values
+    crowded = ((vals == lowest).sum(dim=1) > 1).nonzero().squeeze(1)
+    # order candidates by (score desc, column asc): sort by column, then stable sort by score
     idx, perm = torch.sort(idx, dim=1)
     vals = vals.gather(1, perm)
     vals, perm = torch.sort(vals, dim=1, descending=True, stable=True)
-    return vals, idx.gather(1, perm)
+    vals, idx = vals[:, :k], idx.gather(1, perm)[:, :k]
+    if crowded.numel():  # equal scores at the boundary: take the lowest columns among them
+        sub = torch.sort(scores[crowded], dim=1, descending=True, stable=True)
+        vals[crowded] = sub.values[:, :k]
+        idx[crowded] = sub.indices[:, :k]
+    return vals, idx
 
 
 def search(
@@ -205,7 +216,7 @@ def search(
     n_total = sum(int(p.shape[0]) for p in parts)
     nq = int(queries.shape[0])
     k = min(int(topk), n_total)
-    dev = _device(device, queries)
+    dev = _device(device, queries, parts)
     dtype = _compute_dtype(queries, *parts)
     qb = int(query_chunk_size) if query_chunk_size else max(1, min(nq, 4096))
     if qb < 1:
@@ -222,7 +233,8 @@ def search(
             best_i = torch.empty((q.shape[0], 0), device=dev, dtype=torch.int64)
             for offset, chunk in _iter_chunks(parts, rows, dev, dtype):
                 s = q @ chunk.T
-                if not bool(torch.isfinite(s).all()):
+                lo, hi = torch.aminmax(s)  # NaN propagates
+                if not (math.isfinite(lo) and math.isfinite(hi)):
                     raise DataError(
                         f"scores of database rows {offset}..{offset + chunk.shape[0] - 1} are NaN or "
                         "infinite; the descriptors contain NaN/inf (check the extraction)"
@@ -429,8 +441,8 @@ class FaissIndex(SearchIndex):
         """Train the index (IVF centroids, PQ codebooks) on ``descriptors``; no-op when not needed."""
         if self.index.is_trained:
             return
-        x = np.concatenate(list(self._blocks(descriptors)))
-        self.index.train(x)
+        blocks = list(self._blocks(descriptors))
+        self.index.train(blocks[0] if len(blocks) == 1 else np.concatenate(blocks))
 
     def add(self, descriptors: Any) -> None:
         """Append descriptors; trains on them first if the index is untrained."""

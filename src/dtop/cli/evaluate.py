@@ -1,0 +1,56 @@
+"""``dtop evaluate``: extract → search → score on ROxford5k / RParis6k (+1M) or your own benchmark."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dtop.cli.common import add_extraction_args, init_distributed, runtime_kwargs, settings_from_args
+
+
+def model_name(spec: str) -> str:
+    """A short display name of a model spec (registered name or file stem)."""
+    path = Path(spec)
+    return path.stem if path.suffix in (".safetensors", ".yaml", ".yml") else spec
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate every ``--model`` and print the standard table."""
+    from dtop.cli.info import load_any_model
+    from dtop.engine.evaluate import format_table, run_evaluation
+
+    init_distributed()
+    models = []
+    for spec in args.model:
+        model = load_any_model(spec, list(args.overrides or []))
+        models.append((model_name(spec), spec, model))
+    out = Path(args.out or f"runs/evaluate/{Path(args.dataset).name}")
+    payload = run_evaluation(
+        models, args.data_root, args.dataset, out, cache_dir=args.cache, r1m_root=args.r1m,
+        settings=settings_from_args(args), post=args.post, topk=args.topk, **runtime_kwargs(args),
+    )
+    print(format_table(payload["models"]))
+    print(f"\nwrote {out / 'results.json'} (every setting, per-query APs) and ranks for `dtop report {out}`")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``dtop evaluate``."""
+    p = subparsers.add_parser(
+        "evaluate", help="extract, search and score a model on a revisited benchmark (+1M)",
+        description="Evaluate one or more models under the revisited protocol (Easy/Medium/Hard mAP, mP@k). "
+        "Descriptor stores are cached per model and settings and reused.",
+    )
+    p.add_argument("--model", nargs="+", required=True,
+                   help="checkpoints, config YAMLs or registered names (several: compared side by side)")
+    p.add_argument("overrides", nargs="*", help="model config overrides key=value (configs only)")
+    p.add_argument("--dataset", required=True, help="roxford5k | rparis6k | path of a revisited-format folder")
+    p.add_argument("--data-root", default=".", help="folder holding <dataset>/jpg and the gnd file")
+    p.add_argument("--r1m", help="root of the revisitop1m distractors (adds the +1M results)")
+    p.add_argument("--out", help="output folder (default runs/evaluate/<dataset>)")
+    p.add_argument("--cache", help="descriptor cache folder (default <out>/descriptors)")
+    p.add_argument("--post", nargs="*", default=[],
+                   help="post-processing steps, applied in the order whiten → dba → qe, e.g. whiten qe:k=5,alpha=3")
+    p.add_argument("--topk", type=int, default=100, help="ranks kept for the report (default 100)")
+    add_extraction_args(p)
+    p.set_defaults(func=run)
