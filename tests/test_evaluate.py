@@ -93,7 +93,8 @@ def test_evaluate_end_to_end_matches_reference_scoring(bench, tmp_path, capsys):
 
 def test_second_evaluation_reuses_the_stores(bench, tmp_path):
     out = tmp_path / "eval"
-    args = ["evaluate", "--model", "dtop_tiny", "--dataset", "mini", "--data-root", str(bench), "--out", str(out), *ARGS]
+    args = ["evaluate", "--model", "dtop_tiny", "--dataset", "mini", "--data-root", str(bench),
+            "--out", str(out), *ARGS]
     assert main(args) == 0
     shards = sorted((out / "descriptors").rglob("shard-*.safetensors"))
     before = [p.stat().st_mtime_ns for p in shards]
