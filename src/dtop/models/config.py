@@ -10,6 +10,7 @@ from dtop.errors import ConfigError
 ARCHS = ("dtop", "cls", "gem-tokens", "gem-cnn")
 FUSIONS = ("concat", "orthogonal")
 LOCALITIES = ("none", "conv-ffn", "local-attention")
+BRANCHES = ("both", "global", "local")
 
 
 @dataclass
@@ -41,6 +42,8 @@ class ModelConfig:
     local_dim: int = 512
     #: Channels of the local branch's 1x1 reduction of the concatenated token maps.
     local_channels: int = 512
+    #: Which branches form the descriptor: ``both`` (DToP), ``global`` or ``local`` (ablations).
+    branches: str = "both"
     #: ``concat`` (Linear over [g; l]) or ``orthogonal`` (DOLG-style: l minus its projection on g).
     fusion: str = "concat"
     #: Locality enhancement in the last ``locality_blocks`` blocks: none | conv-ffn | local-attention.
@@ -62,6 +65,8 @@ class ModelConfig:
             raise ConfigError(f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.fusion not in FUSIONS:
             raise ConfigError(f"model.fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if self.branches not in BRANCHES:
+            raise ConfigError(f"model.branches must be one of {', '.join(BRANCHES)}, got {self.branches!r}")
         if self.locality not in LOCALITIES:
             raise ConfigError(f"model.locality must be one of {', '.join(LOCALITIES)}, got {self.locality!r}")
         if self.pretrained is not None and str(self.pretrained).lower() in ("none", "false", ""):

@@ -57,21 +57,29 @@ class LocalBranch(nn.Module):
 
 
 class Fusion(nn.Module):
-    """Fuse global ``g`` and local ``l``: ``concat`` → Linear([g; l]); ``orthogonal`` → Linear([g; l⊥g])."""
+    """Fuse global ``g`` and local ``l``: ``concat`` → Linear([g; l]); ``orthogonal`` → Linear([g; l⊥g]).
 
-    def __init__(self, global_dim: int, local_dim: int, out_dim: int, mode: str):
+    With ``branches`` = ``global`` or ``local`` (ablations) only that vector goes into the Linear.
+    """
+
+    def __init__(self, global_dim: int, local_dim: int, out_dim: int, mode: str, branches: str = "both"):
         super().__init__()
-        self.mode = mode
-        self.fc = nn.Linear(global_dim + local_dim, out_dim)
+        self.mode, self.branches = mode, branches
+        width = {"both": global_dim + local_dim, "global": global_dim, "local": local_dim}[branches]
+        self.fc = nn.Linear(width, out_dim)
 
-    def forward(self, g: torch.Tensor, l: torch.Tensor) -> torch.Tensor:  # noqa: D102, E741
+    def forward(self, g: torch.Tensor | None, l: torch.Tensor | None) -> torch.Tensor:  # noqa: D102, E741
+        if self.branches == "global":
+            return self.fc(g)
+        if self.branches == "local":
+            return self.fc(l)
         if self.mode == "orthogonal":
             g_sq = (g * g).sum(-1, keepdim=True).clamp(min=1e-6)
             l = l - (l * g).sum(-1, keepdim=True) / g_sq * g  # noqa: E741
         return self.fc(torch.cat([g, l], dim=-1))
 
     def extra_repr(self) -> str:  # noqa: D102
-        return f"mode={self.mode}"
+        return f"mode={self.mode}, branches={self.branches}"
 
 
 class DToP(RetrievalModel):
@@ -95,11 +103,14 @@ class DToP(RetrievalModel):
                 module.requires_grad_(False)
         self.backbone = vit
         width = vit.embed_dim * len(self.taps)
-        self.global_branch = GlobalBranch(width, config.global_dim)
-        self.local_branch = LocalBranch(
-            width, config.local_channels, config.local_dim, config.gem_p, config.gem_p_trainable
-        )
-        self.fusion = Fusion(config.global_dim, config.local_dim, config.dim, config.fusion)
+        # An ablation without one branch does not build it (every parameter then gets a gradient).
+        self.global_branch = GlobalBranch(width, config.global_dim) if config.branches != "local" else None
+        self.local_branch = None
+        if config.branches != "global":
+            self.local_branch = LocalBranch(
+                width, config.local_channels, config.local_dim, config.gem_p, config.gem_p_trainable
+            )
+        self.fusion = Fusion(config.global_dim, config.local_dim, config.dim, config.fusion, config.branches)
 
     @property
     def stride(self) -> int:  # noqa: D102
@@ -133,22 +144,24 @@ class DToP(RetrievalModel):
         cls_tokens = [prefix[:, 0] for _, prefix in taps]
         return cls_tokens, maps
 
-    def forward_parts(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Descriptor plus its parts: ``global``, ``local``, ``attention`` (B, 1, h, w), ``descriptor``."""
+    def forward_parts(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Descriptor plus its parts: ``global``, ``local``, ``attention`` (B, 1, h, w), ``descriptor``.
+
+        Parts of a branch the config leaves out are None.
+        """
         cls_tokens, maps = self.forward_taps(images)
-        g = self.global_branch(torch.cat(cls_tokens, dim=-1))
-        l, attention = self.local_branch(torch.cat(maps, dim=1), return_attention=True)  # noqa: E741
+        g = self.global_branch(torch.cat(cls_tokens, dim=-1)) if self.global_branch is not None else None
+        l, attention = None, None  # noqa: E741
+        if self.local_branch is not None:
+            l, attention = self.local_branch(torch.cat(maps, dim=1), return_attention=True)  # noqa: E741
         return {"global": g, "local": l, "attention": attention, "descriptor": l2n(self.fusion(g, l))}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        cls_tokens, maps = self.forward_taps(images)
-        g = self.global_branch(torch.cat(cls_tokens, dim=-1))
-        l = self.local_branch(torch.cat(maps, dim=1))  # noqa: E741
-        return l2n(self.fusion(g, l))
+        return self.forward_parts(images)["descriptor"]
 
     def extra_repr(self) -> str:  # noqa: D102
         c = self.config
         return (
-            f"backbone={c.backbone}, taps={self.taps}, dim={c.dim}, fusion={c.fusion}, "
+            f"backbone={c.backbone}, taps={self.taps}, dim={c.dim}, branches={c.branches}, fusion={c.fusion}, "
             f"locality={c.locality}x{c.locality_blocks if c.locality != 'none' else 0}"
         )
