@@ -1,4 +1,4 @@
-"""``dtop download``: fetch ROxford5k, RParis6k or the R1M distractors in the revisited layout."""
+"""``dtop download``: fetch ROxford5k, RParis6k, the R1M distractors, SfM-120k or GLDv2-clean."""
 
 from __future__ import annotations
 
@@ -9,12 +9,17 @@ from dtop.data.download import BASE_URL_ENV, CATALOGUE, download_dataset
 
 _EPILOG = f"""\
 layout: ROOT/roxford5k/{{gnd_roxford5k.pkl,jpg/}}, ROOT/rparis6k/{{gnd_rparis6k.pkl,jpg/}},
-ROOT/revisitop1m/{{revisitop1m.txt,jpg/}}.
+ROOT/revisitop1m/{{revisitop1m.txt,jpg/}},
+ROOT/retrieval-SfM-120k/{{retrieval-SfM-120k.pkl,ims/}} (train with data.root=ROOT/retrieval-SfM-120k),
+ROOT/gldv2/{{train_clean.csv,train/}} (train with data.root=ROOT/gldv2; only the images of the clean
+set are extracted from the 500 GLDv2 train archives, each archive is deleted once extracted).
 
-verification: the hosts publish no checksums. dtop checks the two ground-truth files against
-md5 sums recorded from the official files, the length of every download against what the
-server announces, reads every archive end to end (gzip CRC included) and, after extraction,
-that every image named by the ground truth (imlist + qimlist) or by revisitop1m.txt is present.
+verification: the GLDv2 archives are checked against the md5 files published next to them; the
+other hosts publish no checksums: dtop checks the two ground-truth files against md5 sums
+recorded from the official files, parses the SfM-120k pickle and train_clean.csv, checks the
+length of every download against what the server announces, reads every archive end to end
+(gzip CRC included) and, after extraction, that every image named by the ground truth (imlist +
+qimlist), revisitop1m.txt, the SfM-120k pickle or train_clean.csv is present.
 
 Interrupted downloads resume (HTTP Range) when the command is run again; a run on a complete
 dataset does nothing. Mirror: --base-url URL or ${BASE_URL_ENV}; the mirror serves
@@ -43,7 +48,7 @@ def register(subparsers) -> None:
     lines = "\n".join(f"  {k}: {v.description}" for k, v in CATALOGUE.items())
     p = subparsers.add_parser(
         "download",
-        help="download and verify ROxford5k, RParis6k or the R1M distractors",
+        help="download and verify ROxford5k, RParis6k, the R1M distractors, SfM-120k or GLDv2-clean",
         description=f"Download, verify and extract benchmark datasets from their official sources.\n{lines}",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -55,7 +60,8 @@ def register(subparsers) -> None:
         metavar="DATASET",
         help=f"dataset(s) to download: {', '.join(CATALOGUE)}",
     )
-    p.add_argument("--root", required=True, help="data folder; each dataset goes to ROOT/<dataset>/")
+    p.add_argument("--root", required=True,
+                   help="data folder; each dataset goes to its folder under ROOT (see below)")
     p.add_argument(
         "--base-url", default=None, help=f"mirror replacing the official hosts (default: ${BASE_URL_ENV} if set)"
     )

@@ -1,10 +1,16 @@
-"""Download the revisited benchmarks and the R1M distractors: resumable, verified, idempotent.
+"""Download the benchmarks, the R1M distractors and the training sets: resumable, verified, idempotent.
 
 Catalogue (:data:`CATALOGUE`, the only place that names the official sources, SPEC §7):
 
 - ``roxford5k``: ``gnd_roxford5k.pkl`` + ``oxbuild_images-v1.tgz`` → ``<root>/roxford5k/``
 - ``rparis6k``: ``gnd_rparis6k.pkl`` + ``paris_1-v1.tgz``, ``paris_2-v1.tgz`` → ``<root>/rparis6k/``
 - ``revisitop1m``: ``revisitop1m.txt`` + ``jpg/revisitop1m.{1..100}.tar.gz`` → ``<root>/revisitop1m/``
+- ``sfm120k``: ``retrieval-SfM-120k.pkl`` + ``ims.tar.gz`` → ``<root>/retrieval-SfM-120k/`` with the
+  images in ``ims/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>`` (cirtorch's layout; the images of
+  the ``train`` and ``val`` splits are extracted)
+- ``gldv2-clean``: ``train_clean.csv`` + ``train/images_000.tar`` … ``images_499.tar`` (CVDF
+  google-landmark, about 500 GB) → ``<root>/gldv2/`` with the images of the clean set in
+  ``train/<id[0]>/<id[1]>/<id[2]>/<id>.jpg`` (the other GLDv2 train images are not extracted)
 
 How a file is fetched (:func:`fetch`): into ``<name>.part`` next to its final name; an existing
 ``.part`` is continued with an HTTP ``Range`` request, and restarted from zero when the server
@@ -12,11 +18,14 @@ answers with the whole file (it ignores Range) or with another range; dropped co
 retried (resuming) with back-off; the ``.part`` file is renamed to its final name only once it is
 complete and verified, so a final name never holds a half file.
 
-What is verified: none of the hosts publishes checksums. The two ground-truth pickles are checked
-against md5 sums recorded from the official files (and validated by :func:`dtop.data.gnd.load_gnd`);
-the length against ``Content-Length``/``Content-Range`` when the server sends it; every archive is
-read end to end, gzip CRC included; after extraction every image the ground truth (``imlist`` and
-``qimlist``) or the R1M list names must be present.
+What is verified: only the CVDF host (GLDv2) publishes checksums: each ``images_NNN.tar`` is
+checked against the md5 of its published ``md5.images_NNN.txt`` (fetched first). The two
+ground-truth pickles are checked against md5 sums recorded from the official files (and validated by
+:func:`dtop.data.gnd.load_gnd`); the SfM-120k pickle and ``train_clean.csv`` are parsed; the length
+of every download is checked against ``Content-Length``/``Content-Range`` when the server sends it;
+every archive is read end to end, gzip CRC included; after extraction every image the ground truth
+(``imlist`` and ``qimlist``), the R1M list, the SfM-120k pickle or ``train_clean.csv`` names must be
+present.
 
 Extraction: tar members are matched to the expected image names by their trailing path components,
 so the sub-folders of the Paris archives (``paris/<landmark>/<name>.jpg``) are flattened into
@@ -30,7 +39,8 @@ image is still there and does nothing. An interrupted run continues where it sto
 
 Mirrors: ``base_url`` (or the environment variable :data:`BASE_URL_ENV`) replaces the official
 hosts; a mirror serves ``<base_url>/<dataset>/<file name>`` (e.g.
-``<base_url>/revisitop1m/revisitop1m.42.tar.gz``). Tests use it to serve fixtures from 127.0.0.1.
+``<base_url>/revisitop1m/revisitop1m.42.tar.gz``, ``<base_url>/gldv2-clean/md5.images_000.txt``).
+Tests use it to serve fixtures from 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -88,8 +98,12 @@ class Resource:
 
     filename: str
     url: str
-    kind: str  # "gnd" (ground-truth pickle), "list" (R1M image list) or "archive" (tar / tar.gz)
+    # "gnd" (ground-truth pickle), "list" (R1M image list), "sfm-db" (SfM-120k pickle),
+    # "gldv2-csv" (train_clean.csv), "archive" (tar / tar.gz) or "md5" (a published md5 file)
+    kind: str
     md5: str | None = None
+    #: URL of a published md5 file (``md5sum`` format) holding this file's checksum.
+    md5_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +114,14 @@ class DatasetSource:
     resources: tuple[Resource, ...]
     description: str = ""
     expected_images: int | None = None
+    #: Folder under the root (default: ``name``) and the images' folder inside it.
+    folder: str | None = None
+    image_dir: str = "jpg"
+
+    @property
+    def directory(self) -> str:
+        """The dataset's folder name under the download root."""
+        return self.folder or self.name
 
     @property
     def archives(self) -> tuple[Resource, ...]:
@@ -107,12 +129,20 @@ class DatasetSource:
         return tuple(r for r in self.resources if r.kind == "archive")
 
     def resource(self, kind: str) -> Resource | None:
-        """The first resource of ``kind`` (``gnd`` or ``list``), or None."""
+        """The first resource of ``kind`` (``gnd``, ``list``, ``sfm-db``, ``gldv2-csv``), or None."""
         return next((r for r in self.resources if r.kind == kind), None)
+
+
+INDEX_KINDS: tuple[str, ...] = ("gnd", "list", "sfm-db", "gldv2-csv")
+"""Resource kinds that name a dataset's images (one per dataset)."""
 
 
 _GND_URL = "http://cmp.felk.cvut.cz/revisitop/data/datasets/{0}/gnd_{0}.pkl"
 _R1M_URL = "http://ptak.felk.cvut.cz/revisitop/revisitop1m/"
+_SFM_URL = "http://cmp.felk.cvut.cz/cnnimageretrieval/data/train/"
+_GLDV2_URL = "https://s3.amazonaws.com/google-landmark/"
+GLDV2_ARCHIVES = 500
+GLDV2_CLEAN_IMAGES = 1_580_470
 
 CATALOGUE: dict[str, DatasetSource] = {
     "roxford5k": DatasetSource(
@@ -155,6 +185,35 @@ CATALOGUE: dict[str, DatasetSource] = {
             ),
         ),
     ),
+    "sfm120k": DatasetSource(
+        name="sfm120k",
+        folder="retrieval-SfM-120k",
+        image_dir="ims",
+        description="SfM-120k training set (cirtorch): database pickle + ims.tar.gz",
+        resources=(
+            Resource("retrieval-SfM-120k.pkl", _SFM_URL + "dbs/retrieval-SfM-120k.pkl", "sfm-db"),
+            Resource("ims.tar.gz", _SFM_URL + "ims/ims.tar.gz", "archive"),
+        ),
+    ),
+    "gldv2-clean": DatasetSource(
+        name="gldv2-clean",
+        folder="gldv2",
+        image_dir="train",
+        description="GLDv2-clean training set: train_clean.csv + 500 tar files (~500 GB, md5-verified)",
+        expected_images=GLDV2_CLEAN_IMAGES,
+        resources=(
+            Resource("train_clean.csv", _GLDV2_URL + "metadata/train_clean.csv", "gldv2-csv"),
+            *(
+                Resource(
+                    f"images_{i:03d}.tar",
+                    f"{_GLDV2_URL}train/images_{i:03d}.tar",
+                    "archive",
+                    md5_url=f"{_GLDV2_URL}md5sum/train/md5.images_{i:03d}.txt",
+                )
+                for i in range(GLDV2_ARCHIVES)
+            ),
+        ),
+    ),
 }
 """The official sources of every downloadable dataset (SPEC §7)."""
 
@@ -190,6 +249,81 @@ def resource_url(source: DatasetSource, resource: Resource, base_url: str | None
     """URL of ``resource``: the official one, or ``<base_url>/<dataset>/<file name>`` on a mirror."""
     base = resolve_base_url(base_url)
     return resource.url if base is None else f"{base}/{source.name}/{resource.filename}"
+
+
+def md5_resource(resource: Resource) -> Resource | None:
+    """The published md5 file of ``resource`` as a resource of its own (None if none is published)."""
+    if not resource.md5_url:
+        return None
+    return Resource(resource.md5_url.rsplit("/", 1)[-1], resource.md5_url, "md5")
+
+
+def parse_md5_file(text: str, filename: str, source: str = "<md5 file>") -> str:
+    """The md5 of ``filename`` in an ``md5sum``-style file (``<hex>  <name>`` lines, or a bare hash).
+
+    A line naming ``filename`` wins; a file with a single hash is taken as that file's.
+    """
+    found: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        parts = line.strip().split()
+        if not parts:
+            continue
+        digest = parts[0].lower().lstrip("\\")
+        if len(digest) != 32 or any(c not in "0123456789abcdef" for c in digest):
+            continue
+        name = parts[1].lstrip("*").rsplit("/", 1)[-1] if len(parts) > 1 else ""
+        found.append((digest, name))
+    for digest, name in found:
+        if name == filename:
+            return digest
+    if len(found) == 1 and not found[0][1]:
+        return found[0][0]
+    if len(found) == 1:
+        raise DownloadError(f"{source}: the md5 file is for {found[0][1]!r}, not {filename!r}")
+    raise DownloadError(f"{source}: no md5 checksum for {filename} in the md5 file")
+
+
+def _expected_images(kind: str, path: Path) -> list[str]:
+    """Relative POSIX paths of the images named by an index file of ``kind`` (see :data:`INDEX_KINDS`)."""
+    if kind == "gnd":
+        from dtop.data.gnd import load_gnd
+
+        gnd = load_gnd(path)
+        return [image_file_name(n) for n in [*gnd.imlist, *gnd.qimlist]]
+    if kind == "list":
+        return read_image_list(path)
+    if kind == "sfm-db":
+        from dtop.data.training import read_sfm_db, sfm_relative_path
+
+        db = read_sfm_db(path)
+        return [sfm_relative_path(c) for split in db.values() for c in split["cids"]]
+    if kind == "gldv2-csv":
+        return _gldv2_csv_images(path)
+    raise DataError(f"unknown index kind {kind!r}")
+
+
+def _gldv2_csv_images(path: Path) -> list[str]:
+    from dtop.data.training import gldv2_relative_path
+
+    out: list[str] = []
+    with open(path, encoding="utf-8", newline="") as f:
+        header = [c.strip().strip('"') for c in f.readline().strip().split(",")]
+        if header[:2] != ["landmark_id", "images"]:
+            raise DataError(f"{path}: expected the header landmark_id,images, got {','.join(header)}")
+        for lineno, line in enumerate(f, 2):
+            line = line.strip()
+            if not line:
+                continue
+            _, sep, ids = line.partition(",")
+            if not sep:
+                raise DataError(f"{path}:{lineno}: expected landmark_id,images")
+            for image_id in ids.strip().strip('"').split():
+                if len(image_id) < 3 or not image_id.isalnum():
+                    raise DataError(f"{path}:{lineno}: {image_id!r} is not a GLDv2 image id")
+                out.append(gldv2_relative_path(image_id))
+    if not out:
+        raise DataError(f"{path}: lists no images")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -542,21 +676,34 @@ def download_dataset(
             raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(CATALOGUE)}")
         source = CATALOGUE[key]
     root = Path(root)
-    ds_dir = root / source.name
+    ds_dir = root / source.directory
     dl_dir = ds_dir / ".download"
-    jpg_dir = ds_dir / "jpg"
+    jpg_dir = ds_dir / source.image_dir
     marker = ds_dir / MARKER_NAME
     state_path = dl_dir / "state.json"
     report = DownloadReport(name=source.name, root=root)
 
+    def published_md5(resource: Resource) -> str | None:
+        md5_res = md5_resource(resource)
+        if md5_res is None:
+            return resource.md5
+        md5_path = dl_dir / md5_res.filename
+
+        def check_md5(p: Path) -> None:
+            parse_md5_file(p.read_text(errors="replace"), resource.filename, str(p))
+
+        get(md5_res, md5_path, check_md5)
+        return parse_md5_file(md5_path.read_text(errors="replace"), resource.filename, str(md5_path))
+
     def get(resource: Resource, dest: Path, validate: Callable[[Path], None] | None = None) -> Path:
         if not dest.exists():
+            md5 = published_md5(resource) if resource.md5_url else resource.md5
             url = resource_url(source, resource, base_url)
             log(f"{source.name}: downloading {url}")
             fetch(
                 url,
                 dest,
-                md5=resource.md5,
+                md5=md5,
                 validate=validate,
                 retries=retries,
                 timeout=timeout,
@@ -567,29 +714,19 @@ def download_dataset(
             report.downloaded.append(resource.filename)
         return dest
 
-    # 1. The index of the images: ground truth or image list.
-    index = source.resource("gnd") or source.resource("list")
+    # 1. The index of the images: ground truth, image list, SfM-120k pickle or train_clean.csv.
+    index = next((r for r in source.resources if r.kind in INDEX_KINDS), None)
     if index is None:
         raise DataError(f"{source.name}: the catalogue entry has no ground truth or image list")
     index_path = ds_dir / index.filename
-    if index.kind == "gnd":
-        from dtop.data.gnd import load_gnd
 
-        def check_gnd(p: Path) -> None:
-            load_gnd(p)
+    def check_index(p: Path) -> None:
+        found = _expected_images(index.kind, p)
+        if index.kind == "list" and source.expected_images is not None and len(found) != source.expected_images:
+            raise DataError(f"the list has {len(found)} images, expected {source.expected_images}")
 
-        get(index, index_path, check_gnd)
-        gnd = load_gnd(index_path)
-        names = [image_file_name(n) for n in [*gnd.imlist, *gnd.qimlist]]
-    else:
-
-        def check_list(p: Path) -> None:
-            n = len(read_image_list(p))
-            if source.expected_images is not None and n != source.expected_images:
-                raise DataError(f"the list has {n} images, expected {source.expected_images}")
-
-        get(index, index_path, check_list)
-        names = read_image_list(index_path)
+    get(index, index_path, check_index)
+    names = _expected_images(index.kind, index_path)
     expected = set(names)
     if source.expected_images is not None and len(expected) != source.expected_images:
         raise DataError(
@@ -631,6 +768,9 @@ def download_dataset(
         write_json(state_path, {"extracted": done})
         if not keep_archives:
             archive_path.unlink(missing_ok=True)
+            md5_res = md5_resource(resource)
+            if md5_res is not None:
+                (dl_dir / md5_res.filename).unlink(missing_ok=True)
 
     if missing:
         skipped_archives = [a for a in archives if a.filename in done]

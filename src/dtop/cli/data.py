@@ -1,0 +1,188 @@
+"""``dtop data check``: is a training set complete and readable?
+
+Loads the set the way training does (``--format``), prints the counts (images, classes, images per
+class min/median/max), then checks every image: present on disk, and (unless ``--no-decode``)
+decodable by :func:`dtop.data.images.load_image`, in ``--workers`` processes with a progress bar.
+Exit status 1 when an image is missing or unreadable, 0 when all are fine (2 for bad arguments or
+an unreadable label file, like every dtop command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from dtop.data.images import ImageLoadError, load_image
+from dtop.data.training import FORMATS, TrainingSet, load_training_set
+from dtop.errors import DataError
+from dtop.utils.io import write_json
+
+_SHOW = 20
+
+
+def _check_one(path: str, decode: bool = True) -> tuple[str, str | None]:
+    """``(status, reason)``: status ``ok``, ``missing`` or ``unreadable``."""
+    if not os.path.isfile(path):
+        return "missing", None
+    if not decode:
+        return "ok", None
+    try:
+        load_image(path)
+    except ImageLoadError as err:
+        return "unreadable", err.reason
+    except DataError as err:
+        return "unreadable", str(err)
+    except Exception as err:  # never let one odd file stop the check
+        return "unreadable", f"{type(err).__name__}: {err}"
+    return "ok", None
+
+
+def _check_chunk(args: tuple[list[str], bool]) -> list[tuple[str, str | None]]:
+    paths, decode = args
+    return [_check_one(p, decode) for p in paths]
+
+
+def check_images(
+    paths: Sequence[str], *, workers: int = 1, decode: bool = True, progress: bool = True, chunk: int = 256
+) -> Iterator[tuple[int, str, str | None]]:
+    """Check every path; yields ``(index, status, reason)`` (in order) for each image."""
+    n = len(paths)
+    chunks = [(list(paths[i:i + chunk]), decode) for i in range(0, n, chunk)]
+    with tqdm(total=n, desc="check images", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        if workers <= 1:
+            results = map(_check_chunk, chunks)
+            pool = None
+        else:
+            pool = ProcessPoolExecutor(max_workers=workers)
+            results = pool.map(_check_chunk, chunks)
+        try:
+            start = 0
+            for res in results:
+                for k, (status, reason) in enumerate(res):
+                    yield start + k, status, reason
+                start += len(res)
+                bar.update(len(res))
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+
+
+def check_training_set(
+    ts: TrainingSet, *, workers: int = 1, decode: bool = True, progress: bool = True
+) -> dict[str, Any]:
+    """Counts and the missing / unreadable images of ``ts`` as a JSON-ready dict (``ok``: none of either)."""
+    missing: list[str] = []
+    unreadable: list[dict[str, str]] = []
+    for i, status, reason in check_images(ts.paths, workers=workers, decode=decode, progress=progress):
+        if status == "missing":
+            missing.append(ts.paths[i])
+        elif status == "unreadable":
+            unreadable.append({"path": ts.paths[i], "reason": reason or ""})
+    report = ts.summary()
+    report.update(
+        format=None,
+        root=ts.root,
+        decoded=decode,
+        missing=len(missing),
+        unreadable=len(unreadable),
+        missing_paths=missing,
+        unreadable_images=unreadable,
+        ok=not missing and not unreadable,
+    )
+    extras = {k: v for k, v in ts.extras.items() if isinstance(v, int | float | str)}
+    if extras:
+        report["notes"] = extras
+    return report
+
+
+def _print_report(r: dict[str, Any], out: Any) -> None:
+    ipc = r["images_per_class"]
+    print(f"training set {r['name']} ({r['format']}) in {r['root']}", file=out)
+    print(f"  images:  {r['images']}", file=out)
+    print(f"  classes: {r['classes']}  (images per class: min {ipc['min']}, median {ipc['median']:g}, "
+          f"max {ipc['max']})", file=out)
+    for key, value in (r.get("notes") or {}).items():
+        print(f"  {key}: {value}", file=out)
+    print(f"  missing files:     {r['missing']}", file=out)
+    for p in r["missing_paths"][:_SHOW]:
+        print(f"    {p}", file=out)
+    if r["missing"] > _SHOW:
+        print(f"    ... ({r['missing'] - _SHOW} more; --json for the full list)", file=out)
+    if r["decoded"]:
+        print(f"  unreadable images: {r['unreadable']}", file=out)
+        for item in r["unreadable_images"][:_SHOW]:
+            print(f"    {item['path']}: {item['reason']}", file=out)
+        if r["unreadable"] > _SHOW:
+            print(f"    ... ({r['unreadable'] - _SHOW} more; --json for the full list)", file=out)
+    else:
+        print("  images not decoded (--no-decode)", file=out)
+    verdict = "OK" if r["ok"] else "PROBLEMS FOUND (training skips these images and counts them)"
+    print(f"  => {verdict}", file=out)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``dtop data check``."""
+    if args.action != "check":  # pragma: no cover - argparse restricts the choices
+        raise DataError(f"unknown action {args.action!r}")
+    fmt = args.format
+    csv_path = args.csv
+    if fmt == "csv" and csv_path is None:
+        csv_path = args.root
+    ts = load_training_set(
+        fmt,
+        args.root,
+        csv_path=csv_path,
+        path_column=args.path_column,
+        label_column=args.label_column,
+        exclude=args.exclude,
+        min_images_per_class=args.min_images_per_class,
+        split=args.split,
+        skip_missing=False,  # report GLDv1's missing images instead of leaving them out
+    )
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    report = check_training_set(ts, workers=max(1, workers), decode=not args.no_decode,
+                                progress=not args.no_progress)
+    report["format"] = fmt
+    if fmt == "gldv1" and report["missing"]:
+        report.setdefault("notes", {})["gldv1"] = (
+            "GLDv1 images come from URLs of which many are dead; training leaves missing images out"
+        )
+    if args.json:
+        if args.json == "-":
+            print(json.dumps(report, indent=2))
+        else:
+            write_json(args.json, report)
+    _print_report(report, sys.stderr if args.json == "-" else sys.stdout)
+    return 0 if report["ok"] else 1
+
+
+def register(subparsers: Any) -> None:
+    """Add ``dtop data``."""
+    p = subparsers.add_parser(
+        "data",
+        help="check a training set: counts, missing files, unreadable images",
+        description="Check a training set as training would load it: counts per class, missing files and "
+        "images that cannot be decoded. Exit status 1 when any image is missing or unreadable.",
+    )
+    p.add_argument("action", choices=["check"], help="check: count and verify every image")
+    p.add_argument("root", help="data folder (sfm120k, gldv2-clean, gldv1, folder) or the CSV file (csv)")
+    p.add_argument("--format", required=True, choices=list(FORMATS), help="training-set format")
+    p.add_argument("--csv", default=None, help="CSV file of path,label (format csv; default: ROOT)")
+    p.add_argument("--path-column", default="path", help="CSV column of image paths (default path)")
+    p.add_argument("--label-column", default="label", help="CSV column of labels (default label)")
+    p.add_argument("--exclude", default=None, help="file of landmark ids to leave out (gldv2-clean)")
+    p.add_argument("--split", default="train", help="SfM-120k split: train or val (default train)")
+    p.add_argument("--min-images-per-class", type=int, default=1, help="drop smaller classes (default 1)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all CPUs)")
+    p.add_argument("--no-decode", action="store_true", help="only check that the files exist (fast)")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the report as JSON to FILE ('-': JSON on stdout, text on stderr)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)

@@ -1,0 +1,182 @@
+"""``dtop index build|add|info``: an on-disk, self-contained index of an image folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from dtop.cli.common import add_extraction_args, add_model_args, load_cli_model, settings_from_args
+from dtop.engine.extract import AMP_CHOICES
+
+MAX_LISTED_FAILURES = 10
+
+
+def add_runtime_args(p: argparse.ArgumentParser, workers: int | None = None, shard_size: bool = True) -> None:
+    """Runtime options of commands whose extraction settings come from an index (not from the command line)."""
+    g = p.add_argument_group("runtime")
+    default_workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    g.add_argument("--batch-size", type=int, default=8, help="images per forward pass (per size bucket)")
+    g.add_argument("--workers", type=int, default=default_workers,
+                   help=f"decoding workers (default {default_workers})")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="autocast (auto: bf16 on CUDA, off on CPU)")
+    if shard_size:
+        g.add_argument("--shard-size", type=int, default=1000,
+                       help="images per shard of the new segment (resume granularity)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """``path`` relative to the working directory when it lies below it, else as given."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _add_kwargs(args: argparse.Namespace) -> dict:
+    return dict(batch_size=args.batch_size, num_workers=args.workers, device=args.device, amp=args.amp,
+                shard_size=args.shard_size, progress=not args.no_progress)
+
+
+def _describe_search(index) -> str:
+    search = index.meta["search"]
+    if search["engine"] == "faiss":
+        params = f", {search['search_params']}" if search.get("search_params") else ""
+        return f"faiss {search['factory']}{params}"
+    return "exact (torch)"
+
+
+def print_add_report(index, report) -> None:
+    """Print what an add did and what the index holds now."""
+    name = display_path(index.root)
+    if report.segment is None:
+        print(f"{name}: nothing to add ({report.unchanged} image(s) already indexed and unchanged)")
+    else:
+        parts = [f"{len(report.new)} new"]
+        if report.modified:
+            parts.append(f"{len(report.modified)} modified")
+        skipped = f", {report.unchanged} unchanged skipped" if report.unchanged else ""
+        resumed = " (resumed)" if report.resumed else ""
+        print(f"{name}: segment {report.segment:03d}{resumed}: {report.extracted} image(s) indexed "
+              f"({', '.join(parts)}){skipped}")
+        if report.failures:
+            print(f"{name}: {len(report.failures)} unreadable image(s) skipped (fix them and run `dtop index add` "
+                  "again):")
+            for f in report.failures[:MAX_LISTED_FAILURES]:
+                print(f"  {display_path(f.path)}: {f.reason}")
+            if len(report.failures) > MAX_LISTED_FAILURES:
+                more = len(report.failures) - MAX_LISTED_FAILURES
+                print(f"  … and {more} more (listed in the segment's manifest.json)")
+    model = index.meta["model"]
+    n_seg = len(index.meta["segments"])
+    print(f"{name}: {len(index)} searchable image(s) in {n_seg} segment(s); {model['descriptor_dim']}-d, "
+          f"{_describe_search(index)} search; model {model.get('source') or '?'} ({model['fingerprint']})")
+
+
+def run_build(args: argparse.Namespace) -> int:
+    """Create the index (or reopen the same one) and add the images."""
+    from dtop.data.folders import read_image_list
+    from dtop.retrieval.index import ImageIndex
+
+    paths = read_image_list(args.images)
+    model = load_cli_model(args)
+    source = " ".join([str(args.model), *(args.overrides or [])])
+    index = ImageIndex.create(args.out, model, settings_from_args(args), source=source, engine=args.engine,
+                              factory=args.factory, search_params=args.search_params, overwrite=args.overwrite)
+    if index.reopened:
+        print(f"{display_path(args.out)} is already an index of this model and settings: adding new images only")
+    report = index.add(paths, **_add_kwargs(args))
+    print_add_report(index, report)
+    return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    """Add the new and modified images of a folder or list to an index."""
+    from dtop.data.folders import read_image_list
+    from dtop.retrieval.index import ImageIndex
+
+    index = ImageIndex.open(args.index)
+    paths = read_image_list(args.images)
+    report = index.add(paths, **_add_kwargs(args))
+    print_add_report(index, report)
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """Print a summary of an index."""
+    from dtop.retrieval.index import ImageIndex
+
+    index = ImageIndex.open(args.index)
+    summary = index.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    s = summary["settings"]
+    scales = ", ".join(f"{v:.3g}" for v in s["scales"])
+    print(f"index       {display_path(index.root)}")
+    print(f"images      {summary['images']} searchable, {summary['unreadable']} unreadable, "
+          f"{summary['superseded']} superseded by re-indexed versions")
+    print(f"segments    {summary['segments']}")
+    print(f"model       {summary['model']['source'] or '?'} ({summary['model']['arch']}, fingerprint "
+          f"{summary['model']['fingerprint']}), {summary['descriptor_dim']}-d")
+    print(f"extraction  image size {s['image_size']}, scales {scales}, {s['dtype']}"
+          + (", EXIF orientation applied" if s["exif_transpose"] else ""))
+    print(f"search      {_describe_search(index)}")
+    print(f"updated     {summary['updated']}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``dtop index`` with its sub-commands ``build``, ``add`` and ``info``."""
+    p = subparsers.add_parser(
+        "index", help="build and update a searchable index of your own images",
+        description="An index is a self-contained folder: index.json, a copy of the model, one descriptor "
+        "store per segment and optionally a faiss index. `build` creates it from an image folder or list, "
+        "`add` extracts only images not indexed yet (or modified since), `info` summarises it. Query it with "
+        "`dtop search`.",
+    )
+    sub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+
+    b = sub.add_parser(
+        "build", help="create an index of an image folder or list",
+        description="Create an index at --out and extract all images into its first segment. Unreadable "
+        "images are skipped and reported. Rerunning the same command on the same --out resumes a killed "
+        "build and then adds only new images.",
+    )
+    add_model_args(b)
+    b.add_argument("--images", required=True, help="an image folder (searched recursively) or a text file "
+                   "with one path per line")
+    b.add_argument("--out", required=True, help="the index folder (new or empty)")
+    g = b.add_argument_group("search engine")
+    g.add_argument("--engine", choices=["torch", "faiss"], default="torch",
+                   help="torch: exact search (default); faiss: a faiss index built from --factory, rebuilt on add")
+    g.add_argument("--factory", default=None,
+                   help="faiss index-factory string, e.g. 'IVF1024,Flat' or 'HNSW32' (default Flat, exact)")
+    g.add_argument("--search-params", default=None,
+                   help="default faiss search parameters, e.g. nprobe=16 (dtop search can override them)")
+    add_extraction_args(b)
+    for action in b._actions:  # unreadable images are always skipped by an index
+        if "--skip-bad" in action.option_strings:
+            action.help = argparse.SUPPRESS
+        if "--overwrite" in action.option_strings:
+            action.help = "replace an index at --out made with another model or other settings"
+    b.set_defaults(func=run_build)
+
+    a = sub.add_parser(
+        "add", help="add new (and modified) images to an index",
+        description="Extract the images of a folder or list that the index does not hold yet, or whose size "
+        "or modification time changed, into a new segment, with the index's own model and settings. "
+        "A killed add leaves the index as it was; rerun it to resume.",
+    )
+    a.add_argument("--index", required=True, help="the index folder (made by `dtop index build`)")
+    a.add_argument("--images", required=True, help="an image folder or a text file with one path per line")
+    add_runtime_args(a)
+    a.set_defaults(func=run_add)
+
+    i = sub.add_parser("info", help="summarise an index", description="Counts, model and settings of an index.")
+    i.add_argument("--index", required=True, help="the index folder")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=run_info)

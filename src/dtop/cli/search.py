@@ -1,0 +1,89 @@
+"""``dtop search``: query an image index with images; ranked lists, JSON and a contact sheet."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dtop.cli.index import add_runtime_args, display_path
+from dtop.errors import ConfigError
+
+
+def _query_paths(items: list[str]) -> list[str]:
+    """Query images: files as given; a folder stands for all images in it."""
+    from dtop.data.folders import list_images
+
+    out: list[str] = []
+    for item in items:
+        if Path(item).is_dir():
+            found = list_images(item)
+            if not found:
+                raise ConfigError(f"the query folder {item} holds no images")
+            out.extend(str(p) for p in found)
+        else:
+            out.append(item)
+    return out
+
+
+def format_results(results) -> str:
+    """The ranked lists as text: one block per query, one line per result (rank, score, path)."""
+    lines = []
+    for r in results:
+        lines.append(f"query {display_path(r.query)}")
+        if not r.paths:
+            lines.append("  (no results)")
+        for rank, (path, score) in enumerate(zip(r.paths, r.scores), 1):
+            lines.append(f"  {rank:>3}  {score:.4f}  {display_path(path)}")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Search the index and write the requested outputs."""
+    from dtop.retrieval.index import ImageIndex
+    from dtop.utils.io import write_json
+
+    if args.topk < 1:
+        raise ConfigError(f"--topk must be at least 1, got {args.topk}")
+    index = ImageIndex.open(args.index)
+    queries = _query_paths(args.images)
+    results = index.query(queries, args.topk, exact=args.exact, search_params=args.search_params,
+                          batch_size=args.batch_size, num_workers=args.workers, device=args.device, amp=args.amp,
+                          progress=not args.no_progress and len(queries) > 50)
+    print(format_results(results))
+    if args.json:
+        write_json(args.json, {
+            "index": str(index.root.resolve()),
+            "topk": args.topk,
+            "engine": "torch" if args.exact or index.engine == "torch" else "faiss",
+            "model_fingerprint": index.model_fingerprint,
+            "queries": [r.to_dict() for r in results],
+        })
+        print(f"wrote {args.json}")
+    if args.sheet:
+        from dtop.report.contact_sheet import contact_sheet
+
+        contact_sheet([r.query for r in results], [(r.paths, r.scores) for r in results], args.sheet,
+                      thumb=args.thumb, exif_transpose=index.settings.exif_transpose)
+        print(f"wrote {args.sheet}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``dtop search``."""
+    p = subparsers.add_parser(
+        "search", help="find the images of an index most similar to query images",
+        description="Extract each query image (whole image) with the index's own model and settings, search "
+        "the index and print a ranked list per query (rank, cosine similarity, path). Optionally write the "
+        "results as JSON and a contact sheet (a PNG grid, one row per query).",
+    )
+    p.add_argument("--index", required=True, help="the index folder (made by `dtop index build`)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="query image files (a folder: all images in it)")
+    p.add_argument("--topk", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--json", metavar="OUT.json", help="also write the results as JSON")
+    p.add_argument("--sheet", metavar="OUT.png", help="also write a contact sheet of the results")
+    p.add_argument("--thumb", type=int, default=160, help="contact sheet thumbnail size in pixels (default 160)")
+    p.add_argument("--exact", action="store_true", help="exact search even if the index has a faiss index")
+    p.add_argument("--search-params", default=None, help="faiss search parameters, e.g. nprobe=32")
+    add_runtime_args(p, workers=0, shard_size=False)
+    p.set_defaults(func=run)
