@@ -202,7 +202,7 @@ def test_base_url_resolution(monkeypatch):
 
 
 def test_catalogue_is_complete():
-    assert set(CATALOGUE) == {"roxford5k", "rparis6k", "revisitop1m"}
+    assert set(CATALOGUE) == {"roxford5k", "rparis6k", "revisitop1m", "sfm120k", "gldv2-clean"}
     r1m = CATALOGUE["revisitop1m"]
     assert len(r1m.archives) == 100 and r1m.archives[-1].filename == "revisitop1m.100.tar.gz"
     assert r1m.resource("list").url == "http://ptak.felk.cvut.cz/revisitop/revisitop1m/revisitop1m.txt"

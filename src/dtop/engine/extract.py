@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -65,7 +66,7 @@ class ExtractSettings:
 
 def model_fingerprint(model: RetrievalModel) -> str:
     """sha256 of the model's configuration and weights (what a descriptor store is tied to)."""
-    digest = hashlib.sha256(repr(sorted(to_dict(model.config).items())).encode())
+    digest = hashlib.sha256(json.dumps(to_dict(model.config), sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

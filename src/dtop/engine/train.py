@@ -271,7 +271,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "sampler": self.sampler.state_dict(),
+            # the DataLoader prefetches: record the batches consumed, not those the sampler yielded
+            "sampler": self.sampler.state_dict(batches_done=self.batches_done),
             "step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
             "best": self.best, "skipped": self.skipped,
             "rng": rng_state(),
