@@ -211,12 +211,15 @@ class Trainer:
                                                         o.weight_decay), lr=o.lr)
         self.sampler = build_sampler(config, self.training_set, self.rank, self.world)
         self.steps_per_epoch = max(1, len(self.sampler) // o.accum_steps)
-        self.total_steps = self.steps_per_epoch * o.epochs
+        # The schedule spans the configured epochs; max_steps / max_minutes only stop early, so a run
+        # stopped and resumed follows the same schedule as an uninterrupted one.
+        schedule_steps = self.steps_per_epoch * o.epochs
+        self.total_steps = schedule_steps
         if config.run.max_steps is not None:
             self.total_steps = min(self.total_steps, config.run.max_steps)
+        warmup = min(o.warmup_steps, schedule_steps // 2 or 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: warmup_cosine(s, min(o.warmup_steps, self.total_steps // 2 or 1),
-                                                    self.total_steps, o.min_lr_ratio))
+            self.optimizer, lambda s: warmup_cosine(s, warmup, schedule_steps, o.min_lr_ratio))
         self.amp_dtype = self._amp_dtype(o.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         from dtop.data.training import TrainDataset
