@@ -22,7 +22,8 @@ DEMO_HEADS = {"dtop": "dtop_tiny", "cls": "cls_tiny", "gem-tokens": "gem_tokens_
 IMAGE_SIZE = 96
 
 
-def _train_config(head: str, data_dir: Path, out: Path, minutes: float, device: str, epochs: int):
+def _train_config(head: str, data_dir: Path, out: Path, minutes: float, device: str, epochs: int,
+                  max_steps: int | None = None):
     base = builtin_config_dir().parent / "train" / "tiny.yaml"
     arch = {"dtop": "dtop", "cls": "cls", "gem-tokens": "gem-tokens"}[head]
     overrides = [
@@ -33,13 +34,18 @@ def _train_config(head: str, data_dir: Path, out: Path, minutes: float, device: 
     ]
     if head != "dtop":
         overrides.append("model.locality=none")
+    if max_steps is not None:
+        overrides.append(f"run.max_steps={max_steps}")
     return load_train_config(str(base), overrides)
 
 
 def run_demo(out: str | Path = "runs/demo", minutes: float = 5.0, device: str = "auto", seed: int = 0,
              epochs: int = 6, benchmark: dict[str, Any] | None = None, report: bool = True,
-             workers: int = 2) -> dict[str, Any]:
-    """Run the demo into ``out``; returns the evaluation payload (see :func:`run_evaluation`)."""
+             workers: int = 2, max_steps: int | None = None) -> dict[str, Any]:
+    """Run the demo into ``out``; returns the evaluation payload (see :func:`run_evaluation`).
+
+    ``max_steps`` caps each training by steps instead of time only (reproducible, for tests).
+    """
     from dtop.data.synthetic import generate_benchmark
     from dtop.engine.evaluate import format_table, run_evaluation
     from dtop.engine.extract import ExtractSettings
@@ -56,7 +62,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 5.0, device: str = 
     models, runs = [], {}
     for head, config_name in DEMO_HEADS.items():
         run_dir = out / "train" / head
-        cfg = _train_config(head, train_dir, run_dir, share, device, epochs)
+        cfg = _train_config(head, train_dir, run_dir, share, device, epochs, max_steps)
         cfg.data.num_workers = workers
         print(f"[demo] training {config_name} for up to {share:.1f} min", flush=True)
         summary = train(cfg)
