@@ -17,7 +17,7 @@ from torch import nn
 
 from dtop.errors import CheckpointError, ConfigError
 from dtop.models.config import ModelConfig
-from dtop.models.weights import is_weights_path, pretrained_state_dict, read_state_dict
+from dtop.models.weights import is_weights_path, pretrained_state_dict, read_state_dict, state_dict_mismatches
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -109,21 +109,8 @@ def load_backbone_weights(model: nn.Module, state_dict: dict[str, torch.Tensor],
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         state = checkpoint_filter_fn(state, model)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:3])})")
+    parts = state_dict_mismatches(own, state)
+    if parts:
         raise CheckpointError(
             f"weights from {source} do not fit backbone {type(model).__name__}: " + ", ".join(parts)
             + ". Check that model.backbone / model.backbone_args match the weights."

@@ -22,6 +22,7 @@ from dtop.config import from_dict, to_dict
 from dtop.errors import CheckpointError, ConfigError
 from dtop.models.base import RetrievalModel
 from dtop.models.config import ModelConfig
+from dtop.models.weights import state_dict_mismatches
 from dtop.utils.io import atomic_path
 
 FORMAT = "dtop-model"
@@ -139,24 +140,10 @@ def load_weights(model: RetrievalModel, checkpoint: str | os.PathLike | Checkpoi
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
     source = "the checkpoint" if isinstance(checkpoint, Checkpoint) else str(checkpoint)
     diffs = config_differences(ckpt.config, model.config)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(ckpt.state_dict))
-    unexpected = sorted(set(ckpt.state_dict) - set(own))
-    shapes = [
-        f"{k} {tuple(ckpt.state_dict[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in ckpt.state_dict and ckpt.state_dict[k].shape != own[k].shape
-    ]
-    if diffs or missing or unexpected or shapes:
-        parts = []
-        if diffs:
-            parts.append("config differs (checkpoint vs model): " + "; ".join(diffs[:6]))
-        if missing:
-            parts.append(f"{len(missing)} model keys missing from the checkpoint (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} checkpoint keys the model lacks (e.g. {', '.join(unexpected[:3])})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:3])})")
+    parts = state_dict_mismatches(model.state_dict(), ckpt.state_dict)
+    if diffs:
+        parts.insert(0, "config differs (checkpoint vs model): " + "; ".join(diffs[:6]))
+    if parts:
         raise CheckpointError(
             f"{source} was saved from a different model: " + ". ".join(parts)
             + ". Use dtop.load_model(path) to rebuild the checkpoint's own model."
