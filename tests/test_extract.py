@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dtop.data.images import load_image, resize_image, to_tensor
 from dtop.engine.extract import ExtractSettings, describe, extract, extract_to_store
 from dtop.errors import DataError
 from dtop.models import build_model, save_checkpoint
@@ -44,6 +45,17 @@ def test_bucketed_batches_equal_one_image_at_a_time(tmp_path, model):
     single = torch.stack([describe(model, p, image_size=64, scales=[0.75, 1.0]) for p in paths])
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batched.norm(dim=1), torch.ones(9))
+
+
+def test_extraction_equals_the_model_on_cpu_normalised_tensors(tmp_path, model):
+    # workers ship uint8 and batches are normalised on the model's device: the same input as to_tensor
+    paths = make_images(tmp_path / "im", 3)
+    got = extract(model, paths, settings=SETTINGS, batch_size=2)
+    with torch.inference_mode():
+        for i, path in enumerate(paths):
+            img = load_image(path)
+            outs = [model(to_tensor(resize_image(img, 64 * s), model.mean, model.std)[None]) for s in SETTINGS.scales]
+            torch.testing.assert_close(got[i], torch.nn.functional.normalize(sum(outs) / 2, dim=1)[0])
 
 
 def test_multiscale_is_the_normalised_mean_of_scales(tmp_path, model):

@@ -18,9 +18,11 @@ from dtop.data.images import (
     collate_with_failures,
     crop_bbx,
     load_image,
+    normalize,
     resize_image,
     target_size,
     to_tensor,
+    to_uint8_tensor,
 )
 from dtop.errors import DataError, DtopError
 
@@ -254,6 +256,19 @@ def test_to_tensor_normalises():
     assert torch.allclose(t[:, 0, 0], torch.tensor([-1.0, 128 / 255 * 2 - 1, 1.0]), atol=1e-6)
     with pytest.raises(DataError):
         to_tensor(img, mean=(0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def test_normalize_of_a_uint8_batch_equals_to_tensor_per_image():
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)) for _ in range(3)]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    batch = torch.stack([to_uint8_tensor(img) for img in imgs])
+    assert batch.dtype == torch.uint8 and batch.shape == (3, 3, 5, 7)
+    out = normalize(batch, mean, std)
+    for i, img in enumerate(imgs):
+        assert torch.equal(out[i], to_tensor(img, mean, std))
+    with pytest.raises(DataError, match="positive"):
+        normalize(batch, mean, (0.2, 0.0, 0.2))
 
 
 def test_draft_changes_little(tmp_path):

@@ -245,19 +245,37 @@ def resize_image(img: Image.Image, long_side: float, multiple: int = 16) -> Imag
     return img.resize(size, resample=RESAMPLE)
 
 
-def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Convert an RGB image to a normalised float32 tensor (3, H, W): ``(x / 255 - mean) / std``."""
+def _check_mean_std(mean: Sequence[float], std: Sequence[float]) -> None:
     if len(mean) != 3 or len(std) != 3:
         raise DataError(f"mean and std need 3 values (R, G, B), got mean={list(mean)} std={list(std)}")
     if any(not s > 0 for s in std):
         raise DataError(f"std values must be positive, got {list(std)}")
+
+
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """Convert an image to a uint8 tensor (3, H, W) of its RGB values (4× less to move than float32)."""
     if img.mode != "RGB":
         img = img.convert("RGB")
     arr = np.asarray(img, dtype=np.uint8)
-    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
-    m = torch.tensor([float(v) for v in mean], dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor([float(v) for v in std], dtype=torch.float32).view(3, 1, 1)
-    return x.sub_(m).div_(s).contiguous()
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 RGB values (…, 3, H, W) → float32 ``(x / 255 - mean) / std``, on ``x``'s device.
+
+    Extraction moves uint8 batches to the GPU and normalises there; :func:`to_tensor` runs the
+    same arithmetic on the CPU.
+    """
+    _check_mean_std(mean, std)
+    m = torch.tensor([float(v) for v in mean], dtype=torch.float32, device=x.device).view(3, 1, 1)
+    s = torch.tensor([float(v) for v in std], dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return x.to(torch.float32).div_(255.0).sub_(m).div_(s)
+
+
+def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Convert an RGB image to a normalised float32 tensor (3, H, W): ``(x / 255 - mean) / std``."""
+    _check_mean_std(mean, std)
+    return normalize(to_uint8_tensor(img), mean, std).contiguous()
 
 
 class ResizeToTensor:

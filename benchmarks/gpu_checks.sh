@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU figures of issues 2-4 and a CUDA end-to-end check, in one short run (a lent GPU is
+# precious: run it once, read everything from the log).
+#
+#   bash benchmarks/gpu_checks.sh [OUT_DIR]        # DEVICE=cpu QUICK=1 for a dry run on a CPU
+#
+# 1. extraction: files vs pre-decoded tensors, DToP hybrid, 1024 px, 3 scales, bf16 (+ R1M time);
+# 2. training step: DToP vs CLS at 512 px, bf16, images/s and peak memory with/without checkpointing;
+# 3. forward: DToP vs the bare timm backbone at 1024x768 (issue 2);
+# 4. end to end on CUDA: built-in data → `dtop train` (bf16) → `dtop evaluate`.
+set -u
+OUT=${1:-runs/gpu_checks}
+DEVICE=${DEVICE:-cuda}
+QUICK=${QUICK:-0}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+PY=${PYTHON:-python3}
+if [ "$QUICK" = 1 ]; then
+  MODEL=dtop_tiny; BASE=cls_tiny; N=8; BATCH_E=4; BATCH_T=4; WORKERS=2; SIZE_E=256; AMP=none
+else
+  MODEL=dtop_hybrid; BASE=cls_hybrid; N=384; BATCH_E=16; BATCH_T=32; WORKERS=12; SIZE_E=1024; AMP=bf16
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+$PY -c "import sys, torch, timm; print('python', sys.version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__)"
+
+echo "== 1. extraction throughput"
+timeout 200 $PY benchmarks/bench_extract.py --model $MODEL --images $N --image-size $SIZE_E --batch $BATCH_E \
+  --workers $WORKERS --device $DEVICE --amp $AMP --repeats 2
+
+echo "== 2. training step"
+timeout 120 $PY benchmarks/bench_train_step.py --model $MODEL --baseline $BASE --size 512x384 --batch $BATCH_T \
+  --classes 81313 --device $DEVICE --amp $AMP --repeats 5 --checkpointing
+
+echo "== 3. forward vs bare backbone"
+timeout 60 $PY benchmarks/bench_forward.py --model $MODEL --sizes 1024x768 --batches 1 8 --repeats 5 \
+  --device $DEVICE --dtype $([ $AMP = bf16 ] && echo bfloat16 || echo float32)
+
+echo "== 4. end to end on $DEVICE"
+W="$OUT/e2e"
+$PY -c "from dtop.data.synthetic import generate_benchmark as g; g('$W/data')" >/dev/null
+timeout 90 $PY -m dtop.cli.main train --config configs/train/tiny.yaml data.root="$W/data/dtop-mini-train" \
+  run.out="$W/train" run.device=$DEVICE optim.amp=$AMP run.max_steps=30 data.train_size=96 data.num_workers=4 \
+  run.progress=false
+timeout 90 $PY -m dtop.cli.main evaluate --model "$W/train/last.safetensors" dtop_tiny \
+  --dataset "$W/data/dtop-mini" --image-size 96 --device $DEVICE --amp auto --out "$W/eval" --no-progress
+ls "$W/eval"
