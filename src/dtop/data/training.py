@@ -945,6 +945,26 @@ def collate_skip_bad(
     return images, labels, n_skipped
 
 
+def collate_tuples(
+    batch: Sequence[tuple[torch.Tensor, int] | None], tuple_size: int
+) -> tuple[torch.Tensor | None, None, int]:
+    """DataLoader ``collate_fn`` for batches of tuples ``(q, p, n1 … nk)`` laid out one after the other.
+
+    A tuple with an unreadable image is dropped whole (its loss needs every image). Returns
+    ``(images (T * tuple_size, 3, H, W), None, n_skipped)`` with ``n_skipped`` the images of the
+    dropped tuples; ``(None, None, n_skipped)`` when no tuple is left.
+    """
+    if len(batch) % tuple_size:
+        raise DataError(f"a batch of {len(batch)} images is not made of tuples of {tuple_size}")
+    kept: list[tuple[torch.Tensor, int]] = []
+    for start in range(0, len(batch), tuple_size):
+        one = batch[start : start + tuple_size]
+        if all(item is not None for item in one):
+            kept.extend(one)
+    images, _, _ = collate_skip_bad(kept) if kept else (None, None, 0)
+    return images, None, len(batch) - len(kept)
+
+
 # ------------------------------------------------------------------------------------------ by name
 
 FORMATS: tuple[str, ...] = ("sfm120k", "gldv2-clean", "gldv1", "folder", "csv")

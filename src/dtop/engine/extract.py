@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -284,8 +285,13 @@ def extract(
     device: str | torch.device | None = None,
     amp: str = "auto",
     progress: bool = False,
+    skip_bad: bool = False,
 ) -> torch.Tensor:
-    """Descriptors (N, d) of ``paths`` in memory (no store); unreadable images raise a DataError."""
+    """Descriptors (N, d) of ``paths`` in memory (no store).
+
+    Unreadable images raise a DataError naming them, or with ``skip_bad`` get an all-zero row
+    (similarity 0 to everything) and a warning.
+    """
     settings = settings or ExtractSettings()
     device = resolve_device(device)
     model = model.to(device).eval()
@@ -298,7 +304,11 @@ def extract(
     )
     bar.close()
     if failures:
-        raise DataError("could not read: " + "; ".join(f"{f.path}: {f.reason}" for f in failures[:5]))
+        listed = "; ".join(f"{f.path}: {f.reason}" for f in failures[:5])
+        if not skip_bad:
+            raise DataError(f"could not read: {listed}")
+        warnings.warn(f"{len(failures)} unreadable image(s) left as zero descriptors: {listed}", stacklevel=2)
+        descriptors[~ok] = 0.0
     return descriptors
 
 

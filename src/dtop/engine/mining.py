@@ -343,3 +343,101 @@ class TupleSampler:
             f"num_queries={self.num_queries}, pool_size={self.pool_size}, num_negatives={self.num_negatives}, "
             f"seed={self.seed}, epoch={self.epoch}, rank={self.rank}/{self.world_size})"
         )
+
+
+# ------------------------------------------------------------------------------ batches of tuples
+
+
+def pairs_from_labels(labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(query, positive) pairs for a labelled set without given tuples (a folder or CSV dataset).
+
+    Every image of a class with at least two images is a query; its positive is the next image of
+    its class (cyclically, in dataset order), so each pair is deterministic and every such image
+    is a positive once. Returns ``(qidxs, pidxs)`` int64 arrays.
+    """
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    ends = np.r_[starts[1:], len(labels)]
+    qidxs, pidxs = [], []
+    for s, e in zip(starts, ends, strict=True):
+        if e - s < 2:
+            continue
+        members = order[s:e]
+        qidxs.append(members)
+        pidxs.append(np.roll(members, -1))
+    if not qidxs:
+        raise DataError("no class has two images: the contrastive protocol needs (query, positive) pairs")
+    return np.concatenate(qidxs), np.concatenate(pidxs)
+
+
+class TupleBatchSampler:
+    """Batches of ``tuples_per_batch`` tuples of a :class:`TupleSampler`, at one common size each.
+
+    Yields, like :class:`dtop.data.sampler.GroupSizeBatchSampler`, lists ``[(image, (H, W)), …]``
+    for :class:`dtop.data.training.TrainDataset`: the images of the batch's tuples in tuple order,
+    all at :func:`common_size` of their sizes (``image_sizes`` is ``(N, 2)`` width, height) with the
+    longer side ``train_size``. A partial last batch is dropped. ``set_epoch``, ``state_dict``
+    (``batches_done``) and ``load_state_dict`` delegate to the tuple sampler, whose state holds the
+    epoch's mined negatives, so a resumed run continues with the same tuples without re-mining.
+    """
+
+    kind = "tuples"
+
+    def __init__(self, tuples: TupleSampler, tuples_per_batch: int, image_sizes: Any, train_size: int) -> None:
+        if int(tuples_per_batch) < 1:
+            raise ConfigError(f"tuples_per_batch must be at least 1, got {tuples_per_batch}")
+        sizes = np.asarray(image_sizes, dtype=np.int64).reshape(-1, 2)
+        if len(sizes) != len(tuples.clusters):
+            raise DataError(f"{len(sizes)} image sizes for {len(tuples.clusters)} images")
+        self.tuples = tuples
+        self.tuples_per_batch = int(tuples_per_batch)
+        self.sizes = sizes
+        self.train_size = int(train_size)
+
+    @property
+    def tuple_size(self) -> int:
+        """Images per tuple."""
+        return self.tuples.tuple_size
+
+    def __len__(self) -> int:
+        return len(self.tuples) // self.tuples_per_batch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to ``epoch`` (negatives are mined again on first use)."""
+        self.tuples.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, tuple[int, int]]]]:
+        n = len(self) * self.tuples_per_batch  # tuples in whole batches
+        if self.tuples.position >= n:  # resumed at the end of an epoch: nothing left of it
+            return
+        batch: list[tuple[int, ...]] = []
+        for item in self.tuples:
+            if self.tuples.position > n:
+                break
+            batch.append(item)
+            if len(batch) == self.tuples_per_batch:
+                images = [i for t in batch for i in t]
+                size = common_size([(int(self.sizes[i, 1]), int(self.sizes[i, 0])) for i in images], self.train_size)
+                yield [(int(i), size) for i in images]
+                batch = []
+
+    def state_dict(self, batches_done: int | None = None) -> dict[str, Any]:
+        """The tuple sampler's state, positioned after ``batches_done`` batches when given."""
+        position = None if batches_done is None else int(batches_done) * self.tuples_per_batch
+        return {"kind": self.kind, "tuples_per_batch": self.tuples_per_batch, "train_size": self.train_size,
+                "tuples": self.tuples.state_dict(position=position)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where ``state`` stopped."""
+        for key in ("kind", "tuples_per_batch", "train_size"):
+            if state.get(key) != getattr(self, key):
+                raise ConfigError(
+                    f"cannot resume the tuple sampler: it was saved with {key}={state.get(key)!r}, this run has "
+                    f"{getattr(self, key)!r}; resume with the same settings"
+                )
+        self.tuples.load_state_dict(state["tuples"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.tuples!r}, tuples_per_batch={self.tuples_per_batch})"

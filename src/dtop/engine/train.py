@@ -1,4 +1,4 @@
-"""Training DToP (and its baselines) with ArcFace on landmark/cluster labels (SPEC §4).
+"""Training DToP (and its baselines): ArcFace on landmark/cluster labels, or the SfM-120k tuples (SPEC §4).
 
 One process or many under ``torchrun`` (DDP: NCCL on GPUs, gloo on CPUs); every rank takes a
 disjoint part of each epoch from the group-size batch sampler. AdamW with a lower learning rate
@@ -13,6 +13,12 @@ Run folder::
     best.safetensors     the model with the best validation mAP (when validating)
     state.pt             everything needed to resume exactly (weights_only-loadable)
 
+**Contrastive tuples** (``loss.name: contrastive``): at the start of each epoch the current model
+describes the epoch's queries and negative pool (rank ``r`` of ``w`` describes every ``w``-th
+image, all-gathered), hard negatives are mined (:class:`dtop.engine.mining.TupleSampler`), and a
+batch is ``optim.batch_size`` tuples at one common size (:class:`~dtop.engine.mining.TupleBatchSampler`).
+A tuple with an unreadable image is dropped whole (and its images counted as skipped).
+
 **Exact resume**: ``state.pt`` holds model, loss, optimiser, scheduler and scaler states, the
 sampler position and the RNG states; data augmentation is seeded per (seed, epoch, image), not
 by worker processes, so an interrupted run continues as if uninterrupted.
@@ -21,6 +27,7 @@ by worker processes, so an interrupted run continues as if uninterrupted.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -50,14 +57,21 @@ STATE_FILE = "state.pt"
 
 
 class TrainModule(nn.Module):
-    """Model + loss in one module, so DDP synchronises the loss's class weights too."""
+    """Model + loss in one module, so DDP synchronises the loss's class weights too.
 
-    def __init__(self, model: RetrievalModel, loss: nn.Module):
+    With ``tuple_size`` the batch is tuples ``(q, p, n1 … nk)`` laid out one after the other and the
+    loss is the contrastive tuple loss (labels unused).
+    """
+
+    def __init__(self, model: RetrievalModel, loss: nn.Module, tuple_size: int | None = None):
         super().__init__()
         self.model = model
         self.loss = loss
+        self.tuple_size = tuple_size
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # noqa: D102
+        if self.tuple_size is not None:
+            return self.loss.tuple_loss(self.model(images), self.tuple_size)
         return self.loss(self.model(images), labels)
 
 
@@ -166,22 +180,43 @@ def build_loss(config: TrainConfig, embedding_dim: int, num_classes: int) -> nn.
 
     c = config.loss
     if c.name == "contrastive":
-        raise ConfigError(
-            "loss 'contrastive' (the SfM-120k tuple protocol) is trained with tuples; this trainer runs the "
-            "classification losses (arcface, subcenter-arcface)"
-        )
+        return _build("contrastive", margin=c.resolved_margin())
     subcenters = c.subcenters if c.name == "subcenter-arcface" else 1
     return _build("arcface" if subcenters == 1 else "subcenter-arcface", embedding_dim=embedding_dim,
-                  num_classes=num_classes, margin=c.margin, scale=c.scale, subcenters=subcenters)
+                  num_classes=num_classes, margin=c.resolved_margin(), scale=c.scale, subcenters=subcenters)
 
 
 def build_sampler(config: TrainConfig, training_set, rank: int, world: int):
-    """The batch sampler of ``config.data.sampling``."""
+    """The batch sampler: tuples for the contrastive loss, else the one of ``config.data.sampling``."""
     from dtop.data.sampler import FixedSizeBatchSampler, GroupSizeBatchSampler
 
+    if config.loss.name == "contrastive":
+        return build_tuple_sampler(config, training_set, rank, world)
     cls = GroupSizeBatchSampler if config.data.sampling == "group-size" else FixedSizeBatchSampler
     return cls(training_set.aspect_ratios(), batch_size=config.optim.batch_size, train_size=config.data.train_size,
                seed=config.run.seed, rank=rank, world_size=world, drop_last=True)
+
+
+def build_tuple_sampler(config: TrainConfig, training_set, rank: int, world: int):
+    """The :class:`~dtop.engine.mining.TupleBatchSampler` of the contrastive protocol."""
+    from dtop.engine.mining import TupleBatchSampler, TupleSampler, pairs_from_labels
+
+    extras = training_set.extras
+    if "qidxs" in extras and "pidxs" in extras:
+        qidxs, pidxs = extras["qidxs"], extras["pidxs"]
+    else:
+        qidxs, pidxs = pairs_from_labels(training_set.labels)
+    c = config.loss
+    tuples = TupleSampler(qidxs, pidxs, training_set.labels, num_queries=c.num_queries, pool_size=c.pool_size,
+                          num_negatives=c.num_negatives, seed=config.run.seed, rank=rank, world_size=world)
+    sampler = TupleBatchSampler(tuples, config.optim.batch_size, training_set.image_sizes(),
+                                config.data.train_size)
+    if len(sampler) == 0:
+        raise ConfigError(
+            f"{tuples.num_queries} tuples per epoch over {world} rank(s) do not fill one batch of "
+            f"optim.batch_size={config.optim.batch_size} tuples; lower optim.batch_size or raise loss.num_queries"
+        )
+    return sampler
 
 
 # ---------------------------------------------------------------------------------------- trainer
@@ -200,7 +235,9 @@ class Trainer:
         if config.optim.grad_checkpointing and hasattr(self.model.backbone, "set_grad_checkpointing"):
             self.model.backbone.set_grad_checkpointing(True)
         self.loss = build_loss(config, self.model.descriptor_dim, self.training_set.num_classes).to(self.device)
-        self.module = TrainModule(self.model, self.loss)
+        self.contrastive = config.loss.name == "contrastive"
+        self.sampler = build_sampler(config, self.training_set, self.rank, self.world)
+        self.module = TrainModule(self.model, self.loss, self.sampler.tuple_size if self.contrastive else None)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
@@ -209,7 +246,6 @@ class Trainer:
         o = config.optim
         self.optimizer = torch.optim.AdamW(param_groups(self.model, self.loss, o.lr, o.backbone_lr_mult,
                                                         o.weight_decay), lr=o.lr)
-        self.sampler = build_sampler(config, self.training_set, self.rank, self.world)
         self.steps_per_epoch = max(1, len(self.sampler) // o.accum_steps)
         # The schedule spans the configured epochs; max_steps / max_minutes only stop early, so a run
         # stopped and resumed follows the same schedule as an uninterrupted one.
@@ -328,11 +364,13 @@ class Trainer:
                     self.writer.add_scalar(key, value, record.get("step", self.step))
 
     def _loader(self) -> DataLoader:
-        from dtop.data.training import collate_skip_bad
+        from dtop.data.training import collate_skip_bad, collate_tuples
 
         self.dataset.epoch = self.epoch
         workers = self.config.data.num_workers
-        return DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate_skip_bad,
+        collate = functools.partial(collate_tuples, tuple_size=self.sampler.tuple_size) if self.contrastive \
+            else collate_skip_bad
+        return DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate,
                           num_workers=workers, pin_memory=self.device.type == "cuda",
                           prefetch_factor=2 if workers else None)
 
@@ -353,13 +391,16 @@ class Trainer:
         images_seen, t_log = 0, time.monotonic()
         while self.epoch < c.optim.epochs and not stopped:
             micro, loss_sum = 0, 0.0
+            if self.contrastive:
+                self.mine()
             for images, labels, n_skipped in self._loader():
                 self.skipped += int(n_skipped)
                 self.batches_done += 1
                 if images is None:
                     continue
                 images = images.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
+                if labels is not None:
+                    labels = labels.to(self.device, non_blocking=True)
                 sync = (micro + 1) % c.optim.accum_steps == 0
                 ctx = self.ddp.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
                 with ctx, self._autocast():
@@ -412,6 +453,52 @@ class Trainer:
         if self.world > 1:
             torch.distributed.barrier()
         return summary
+
+    def mine(self) -> None:
+        """Mine this epoch's hard negatives with the current model (contrastive; once per epoch).
+
+        A resumed run finds the epoch's negatives in its state and does not mine again.
+        """
+        tuples = self.sampler.tuples
+        if tuples.negatives is not None:
+            return
+        start = time.monotonic()
+        tuples.mine(self.describe_images)
+        self._log({"event": "mining", "step": self.step, "epoch": self.epoch,
+                   "mean_negative_distance": tuples.mean_negative_distance,
+                   "mining_seconds": time.monotonic() - start})
+
+    def describe_images(self, indices: list[int]) -> torch.Tensor:
+        """Descriptors (n, d) of training images at ``data.train_size`` with the current model.
+
+        Rank ``r`` of ``w`` describes ``indices[r::w]``; the parts are all-gathered, so every rank
+        returns the same matrix. An unreadable image gets a zero row (and a warning); a tuple it
+        ends up in is dropped by :func:`~dtop.data.training.collate_tuples` and counted as skipped.
+        """
+        from dtop.engine.extract import ExtractSettings, extract
+
+        amp = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+        mine = list(indices)[self.rank :: self.world]
+        self.model.eval()
+        try:
+            part = extract(self.model, [self.training_set.paths[i] for i in mine],
+                           settings=ExtractSettings(image_size=self.config.data.train_size, scales=[1.0]),
+                           batch_size=self.config.loss.mining_batch_size, num_workers=self.config.data.num_workers,
+                           device=self.device, amp=amp, skip_bad=True)
+        finally:
+            self.model.train()
+        if self.world == 1:
+            return part
+        rows = -(-len(indices) // self.world)
+        padded = torch.zeros(rows, part.shape[1], device=self.device)
+        padded[: len(part)] = part.to(self.device)
+        gathered = [torch.empty_like(padded) for _ in range(self.world)]
+        torch.distributed.all_gather(gathered, padded)
+        out = torch.empty(len(indices), part.shape[1])
+        for r, g in enumerate(gathered):
+            n_r = len(range(r, len(indices), self.world))
+            out[r :: self.world] = g[:n_r].cpu()
+        return out
 
     def validate(self) -> float | None:
         """Revisited evaluation (rank 0, in memory); keeps ``best.safetensors``. Returns mean of M/H mAP."""

@@ -46,17 +46,44 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    """The training loss."""
+    """The training loss.
 
-    #: arcface | subcenter-arcface | contrastive (SfM-120k tuples)
+    ``arcface`` / ``subcenter-arcface`` train on class labels with ``optim.batch_size`` images per
+    batch. ``contrastive`` runs the cirtorch tuple protocol (SPEC §4): each epoch ``num_queries``
+    (query, positive) pairs and a pool of ``pool_size`` images are drawn, ``num_negatives`` hard
+    negatives per query are mined with the current model, and a batch is ``optim.batch_size``
+    *tuples* of ``2 + num_negatives`` images. Pairs come from the SfM-120k file, or from the class
+    labels of other training sets (each image with the next image of its class).
+    """
+
+    #: arcface | subcenter-arcface | contrastive (the SfM-120k tuple protocol)
     name: str = "arcface"
-    margin: float = 0.3
+    #: ArcFace angular margin (default 0.3) or contrastive margin (default 0.7, cirtorch).
+    margin: float | None = None
+    #: ArcFace logit scale.
     scale: float = 30.0
     subcenters: int = 1
+    #: contrastive: (query, positive) pairs drawn per epoch (null: all), pool size, negatives per query.
+    num_queries: int | None = 2000
+    pool_size: int = 20000
+    num_negatives: int = 5
+    #: contrastive: images per batch when describing queries and pool for mining.
+    mining_batch_size: int = 32
 
     def __post_init__(self) -> None:
         if self.name not in LOSSES:
             raise ConfigError(f"loss.name must be one of {', '.join(LOSSES)}, got {self.name!r}")
+        for name in ("pool_size", "num_negatives", "mining_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"loss.{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_queries is not None and self.num_queries < 1:
+            raise ConfigError(f"loss.num_queries must be at least 1 (or null for all), got {self.num_queries}")
+
+    def resolved_margin(self) -> float:
+        """The margin: the configured one, else 0.7 for contrastive and 0.3 for ArcFace."""
+        if self.margin is not None:
+            return float(self.margin)
+        return 0.7 if self.name == "contrastive" else 0.3
 
 
 @dataclass
