@@ -61,10 +61,12 @@ def line_plot(
     title: str = "",
     xlabel: str = "",
     size: tuple[int, int] = (520, 300),
+    legend: bool | None = None,
 ) -> Path:
     """Draw ``{label: (xs, ys)}`` as lines with axes, ticks and a legend; save as PNG at ``path``.
 
-    Non-finite points are skipped. A series with a single point is drawn as a dot.
+    Non-finite points are skipped. A series with a single point is drawn as a dot. ``legend``:
+    ``None`` shows it when there are several series, ``True`` always, ``False`` never.
     """
     w, h = size
     img = Image.new("RGB", (w, h), (255, 255, 255))
@@ -120,7 +122,7 @@ def line_plot(
             if len(coords) <= 40:
                 for cx, cy in coords:
                     d.ellipse((cx - 2, cy - 2, cx + 2, cy + 2), fill=colour)
-        if len(clean) > 1:
+        if legend or (legend is None and len(clean) > 1):
             tw = d.textlength(label, font=small)
             lx = left + pw - tw - 28
             d.rectangle((lx - 4, ly - 2, left + pw - 4, ly + 13), fill=(255, 255, 255))
@@ -131,23 +133,43 @@ def line_plot(
     return Path(path)
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_metrics(path: str | os.PathLike, strict: bool = False, notes: list[str] | None = None) -> list[dict[str, Any]]:
     """The records of a training run's ``metrics.jsonl`` (one JSON object per line).
 
-    Blank lines and unreadable lines (e.g. a last line cut off by a killed run) are skipped.
+    Blank lines are skipped. Unreadable lines (not JSON, or not a JSON object) are skipped too, unless
+    ``strict``: then the first one raises :class:`~dtop.errors.DataError` naming the file and line number.
+    Even when ``strict``, an unreadable *last line without its newline* is skipped (a write cut off by a
+    killed run, or one still in progress); a message saying so is appended to ``notes`` when given.
     """
+    from dtop.errors import DataError
+
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                records.append(obj)
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    # split() leaves the text after the last newline (b"" when the file ends with one) as the last item.
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+            kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+                type(obj), "null")
+            problem = None if isinstance(obj, dict) else f"a JSON {kind}, not an object"
+        except UnicodeDecodeError:
+            problem = "not UTF-8 text"
+        except ValueError as err:
+            problem = f"not valid JSON ({getattr(err, 'msg', err)})"
+        if problem is None:
+            records.append(obj)
+            continue
+        if number == len(lines):  # no newline after it: an incomplete write
+            if notes is not None:
+                notes.append(f"{path}, line {number}: skipped an incomplete last line (a killed run or one "
+                             "still writing)")
+            continue
+        if strict:
+            raise DataError(f"{path}, line {number}: corrupt record: {problem}. Each line of metrics.jsonl must "
+                            "be one JSON object; delete or fix that line.")
     return records
 
 
@@ -196,3 +218,112 @@ def training_curves(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str,
                 if y is not None:
                     add(plot, key, x, y)
     return {k: v for k, v in plots.items() if v}
+
+
+PLOT_FILES: dict[str, str] = {"loss": "loss.png", "lr": "lr.png", "validation": "val_map.png"}
+"""The file each plot of :func:`plot_runs` is written to."""
+
+_TITLES = {"loss": "training loss", "lr": "learning rate", "validation": "validation mAP"}
+
+
+def _run_labels(paths: Sequence[Path]) -> list[str]:
+    """The folder names of the runs; the paths as given where names repeat; numbered where those do too."""
+    folders = [p.parent if p.is_file() else p for p in paths]  # a metrics.jsonl given: its run folder
+    names = [f.resolve().name or str(f) for f in folders]
+    labels = [str(f) if names.count(n) > 1 else n for f, n in zip(folders, names)]
+    out: list[str] = []
+    for label in labels:
+        unique, k = label, 2
+        while unique in out:
+            unique, k = f"{label} ({k})", k + 1
+        out.append(unique)
+    return out
+
+
+def load_run(run: str | os.PathLike, notes: list[str] | None = None) -> list[dict[str, Any]]:
+    """The step and validation records of a training run folder (or of its ``metrics.jsonl`` itself).
+
+    Raises :class:`~dtop.errors.DataError` when the folder or its ``metrics.jsonl`` is missing, a line
+    is corrupt (see :func:`read_metrics` with ``strict``) or the run has no step records (a numeric
+    ``step`` and a ``loss``). Records without a numeric ``step`` (e.g. the final ``"event": "end"``) are
+    left out.
+    """
+    from dtop.errors import DataError
+
+    run = Path(run)
+    metrics = run if run.is_file() else run / "metrics.jsonl"
+    if not run.exists():
+        raise DataError(f"{run}: no such training run folder")
+    if not metrics.is_file():
+        raise DataError(f"{run}: no metrics.jsonl in this folder: is it the run.out folder of `dtop train`?")
+    try:
+        records = read_metrics(metrics, strict=True, notes=notes)
+    except OSError as err:
+        raise DataError(f"{metrics}: cannot read: {err}") from err
+    records = [r for r in records if _number(r.get("step")) is not None]
+    if not any("loss" in r for r in records):
+        raise DataError(f"{metrics}: no step records (lines with \"step\" and \"loss\"): the run logged no "
+                        "training step yet")
+    return records
+
+
+def plot_runs(
+    runs: Sequence[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    size: tuple[int, int] = (800, 450),
+    notes: list[str] | None = None,
+) -> list[Path]:
+    """Draw the training curves of one or several runs to PNG files in ``out``; return their paths.
+
+    Writes ``loss.png``, ``lr.png`` (when an ``lr`` is logged) and, when some run has validation
+    records, ``val_map.png`` (atomically), all against the step. One run: ``val_map.png`` shows
+    ``val_map`` (mean of Medium and Hard) and every other ``val_*`` value. Several runs: the curves
+    are overlaid, one colour per run, labelled with the run folder name; ``val_map.png`` then shows
+    ``val_map`` of each run. ``out`` defaults to ``<run>/plots`` for one run and is required for
+    several. All runs are read (and checked) before anything is written. Messages about what was
+    left out are appended to ``notes``.
+    """
+    from dtop.errors import DtopError
+    from dtop.utils.io import atomic_path
+
+    if not runs:
+        raise DtopError("no training run given")
+    paths = [Path(r) for r in runs]
+    if out is None:
+        if len(paths) > 1:
+            raise DtopError("several runs are overlaid: give the output folder with --out DIR")
+        out = (paths[0].parent if paths[0].is_file() else paths[0]) / "plots"
+    out = Path(out)
+    curves = [training_curves(load_run(p, notes)) for p in paths]
+    labels = _run_labels(paths)
+    several = len(paths) > 1
+    plots: dict[str, dict[str, tuple[list[float], list[float]]]] = {"loss": {}, "lr": {}, "validation": {}}
+    for label, run_curves in zip(labels, curves):
+        if notes is not None:
+            if not run_curves.get("loss"):
+                notes.append(f"{label}: the loss is not a finite number in any step record")
+            if not run_curves.get("lr"):
+                notes.append(f"{label}: no learning rate (lr) logged")
+            if not run_curves.get("validation"):
+                notes.append(f"{label}: no validation records")
+        for key in plots:
+            series = run_curves.get(key, {})
+            if not several:
+                plots[key] = series
+                continue
+            # One series per run: the main key, else (e.g. per-part lr, val_map as a dict) the first one.
+            main = {"loss": "loss", "lr": "lr", "validation": "val_map"}[key]
+            name = main if main in series else next(iter(series), None)
+            if name is not None:
+                plots[key][label if name == main else f"{label}: {name}"] = series[name]
+    title_prefix = "" if several else f"{labels[0]}: "
+    written = []
+    for key, series in plots.items():
+        if key != "loss" and not series:  # lr.png only with an lr, val_map.png only with validation
+            continue
+        path = out / PLOT_FILES[key]
+        with atomic_path(path) as tmp:
+            line_plot(series, tmp, title=title_prefix + _TITLES[key], xlabel="step", size=size,
+                      legend=True if several else None)
+        written.append(path)
+    return written
