@@ -150,3 +150,48 @@ def test_bad_images_are_named_and_fail_unless_skipped(tmp_path, model):
     assert [names[i] for i in range(len(names)) if not valid[i]] == ["zero", "truncated", "missing"]
     assert {Path(f.path).name for f in store.failures()} == {"zero.jpg", "truncated.jpg", "missing.jpg"}
     torch.testing.assert_close(descriptors[valid].norm(dim=1), torch.ones(int(valid.sum())))
+
+
+def test_batches_are_planned_from_headers_and_crops_as_loading_gives_them(tmp_path):
+    from dtop.data.images import ImageListDataset
+    from dtop.engine.extract import MultiScaleTransform, input_shapes, plan_batches
+
+    paths = make_images(tmp_path / "im", 8)
+    bbxs = [None, [3.5, 2.5, 40.5, 30.49], None, [0, 0, 10, 70], None, None, [5, 5, 64, 44], None]
+    dataset = ImageListDataset(paths, bbxs, MultiScaleTransform(64, SETTINGS.scales, [0.5] * 3, [0.5] * 3))
+    shapes = input_shapes(dataset, range(8), SETTINGS)
+    for i, shape in enumerate(shapes):
+        loaded, _ = dataset[i]
+        assert shape == tuple((t.shape[2], t.shape[1]) for t in loaded)  # (W, H) per scale
+    shapes[5] = None  # an unreadable header: batched alone
+    batches = plan_batches(shapes, batch_size=2)
+    assert sorted(p for b in batches for p in b) == list(range(8))
+    assert [5] in batches
+    for b in batches:
+        assert 1 <= len(b) <= 2 and len({shapes[p] for p in b}) == 1
+    assert plan_batches(shapes, 2) == batches  # deterministic
+
+
+def test_a_batch_with_an_unplanned_shape_is_split_and_still_exact(tmp_path, model):
+    # EXIF orientation changes the shape after planning from the header: the batch is regrouped
+    from dtop.engine.extract import collate_groups
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "im"
+    folder.mkdir()
+    paths = []
+    for i in range(4):
+        img = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8))
+        exif = Image.Exif()
+        exif[0x0112] = 6 if i % 2 else 1  # rotated 90° for odd images
+        img.save(folder / f"{i}.jpg", exif=exif, quality=90)
+        paths.append(folder / f"{i}.jpg")
+    settings = ExtractSettings(image_size=64, scales=[1.0], exif_transpose=True)
+    got = extract(model, paths, settings=settings, batch_size=4)
+    single = torch.stack([describe(model, load_image(p, exif_transpose=True), image_size=64, scales=[1.0])
+                          for p in paths])
+    torch.testing.assert_close(got, single, rtol=1e-5, atol=1e-5)
+    t = lambda h, w: [torch.zeros(3, h, w, dtype=torch.uint8)]  # noqa: E731
+    out = collate_groups([(0, 0, t(48, 64)), (0, 1, t(64, 48)), (0, 2, t(48, 64))])
+    assert [ix.tolist() for ix, _ in out["groups"]] == [[0, 2], [1]]
+    assert [tuple(xs[0].shape) for _, xs in out["groups"]] == [(2, 3, 48, 64), (1, 3, 64, 48)]

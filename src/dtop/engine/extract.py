@@ -28,11 +28,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dtop.config import to_dict
-from dtop.data.images import ImageListDataset, LoadFailure, load_image, normalize, resize_image, to_uint8_tensor
+from dtop.data.images import (
+    ImageListDataset,
+    LoadFailure,
+    load_image,
+    normalize,
+    resize_image,
+    target_size,
+    to_uint8_tensor,
+)
 from dtop.errors import ConfigError, DataError
 from dtop.models.base import RetrievalModel
 from dtop.models.layers import l2n
@@ -115,77 +123,170 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-class _Bucketer:
-    """Groups (item, scale) tensors of equal shape into batches and accumulates descriptors.
+def input_shapes(
+    dataset: ImageListDataset, indices: Sequence[int], settings: ExtractSettings
+) -> list[tuple[tuple[int, int], ...] | None]:
+    """The model-input sizes ``((W, H) per scale)`` each item will have, from the image headers.
 
-    Sums stay on the model's device and nothing waits for the GPU until :meth:`descriptors`, so
-    the next batch is stacked and copied (pinned, non-blocking) while the current one computes.
+    Crops are applied; EXIF orientation is not (with ``exif_transpose`` a rotated image may get
+    another shape: :func:`collate_groups` then batches it apart). ``None``: the header is
+    unreadable (the item will fail to load, or is batched alone).
+    """
+    from dtop.data.training import read_image_sizes
+
+    sizes = read_image_sizes([dataset.path(i) for i in indices], progress=False)
+    out: list[tuple[tuple[int, int], ...] | None] = []
+    for index, (w, h) in zip(indices, sizes.tolist(), strict=True):
+        bbx = dataset.bbx(index)
+        if bbx is not None:
+            x0, y0, x1, y1 = (int(round(v)) for v in bbx)  # as crop_bbx (PIL crop) rounds
+            w, h = x1 - x0, y1 - y0
+        if w <= 0 or h <= 0:
+            out.append(None)
+            continue
+        out.append(tuple(target_size(w, h, settings.image_size * s) for s in settings.scales))
+    return out
+
+
+def plan_batches(shapes: Sequence[object | None], batch_size: int) -> list[list[int]]:
+    """Positions grouped into batches of items of equal shape (``None``: a batch of its own).
+
+    Groups come in the order of their first item; each is cut into batches of ``batch_size``.
+    """
+    groups: dict[object, list[int]] = {}
+    alone: list[list[int]] = []
+    for position, shape in enumerate(shapes):
+        if shape is None:
+            alone.append([position])
+        else:
+            groups.setdefault(shape, []).append(position)
+    batches = [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    return batches + alone
+
+
+class _ShardBatches:
+    """Batch sampler over shards: items ``(shard, index)``, each batch of one shard and one planned shape.
+
+    A shard's headers are read when the DataLoader asks for its first batch, so planning the next
+    shard overlaps with the model working on the current one.
     """
 
-    def __init__(self, model: RetrievalModel, n_items: int, n_scales: int, batch_size: int,
-                 device: torch.device, amp: str):
-        self.model, self.batch_size, self.device, self.amp = model, batch_size, device, amp
+    def __init__(self, dataset: ImageListDataset, shards: Sequence[tuple[int, Sequence[int]]],
+                 settings: ExtractSettings, batch_size: int):
+        self.dataset, self.shards, self.settings, self.batch_size = dataset, shards, settings, batch_size
+
+    def __iter__(self):
+        for shard, indices in self.shards:
+            indices = list(indices)
+            shapes = input_shapes(self.dataset, indices, self.settings)
+            for batch in plan_batches(shapes, self.batch_size):
+                yield [(shard, indices[p]) for p in batch]
+
+
+class _ShardItems(torch.utils.data.Dataset):
+    """``(shard, index)`` → ``(shard, index, per-scale uint8 tensors | LoadFailure)``."""
+
+    def __init__(self, dataset: ImageListDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        shard, index = item
+        loaded, _ = self.dataset[index]
+        return shard, index, loaded
+
+
+def collate_groups(items: list) -> dict[str, Any]:
+    """DataLoader ``collate_fn`` (runs in the workers): stack the batch per scale, by actual shape.
+
+    Returns ``{"shard", "groups": [(indices, [uint8 stack per scale])], "failures": [LoadFailure]}``;
+    one group unless an image's shape differs from the planned one.
+    """
+    groups: dict[tuple, tuple[list[int], list[list[torch.Tensor]]]] = {}
+    failures = []
+    for _, index, loaded in items:
+        if isinstance(loaded, LoadFailure):
+            failures.append(loaded)
+            continue
+        key = tuple(tuple(t.shape) for t in loaded)
+        indices, per_scale = groups.setdefault(key, ([], [[] for _ in loaded]))
+        indices.append(index)
+        for scale, t in enumerate(loaded):
+            per_scale[scale].append(t)
+    out = [(torch.tensor(ix), [torch.stack(ts) for ts in per_scale]) for ix, per_scale in groups.values()]
+    return {"shard": items[0][0], "groups": out, "failures": failures}
+
+
+class _Sums:
+    """Per-scale descriptors summed per item on the model's device.
+
+    Nothing waits for the GPU until :meth:`descriptors`, so the next batch arrives (stacked and
+    pinned by the DataLoader) while the current one computes.
+    """
+
+    def __init__(self, model: RetrievalModel, n_items: int, n_scales: int, device: torch.device, amp: str):
+        self.model, self.device, self.amp, self.n_scales = model, device, amp, n_scales
         self.sums = torch.zeros(n_items, model.descriptor_dim, dtype=torch.float32, device=device)
-        self.n_scales = n_scales
-        self.buckets: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
-
-    def add(self, position: int, tensors: list[torch.Tensor]) -> None:
-        for scale, x in enumerate(tensors):
-            key = (scale, *x.shape)
-            bucket = self.buckets.setdefault(key, [])
-            bucket.append((position, x))
-            if len(bucket) >= self.batch_size:
-                self._run(self.buckets.pop(key))
-
-    def flush(self) -> None:
-        for key in sorted(self.buckets):
-            self._run(self.buckets[key])
-        self.buckets.clear()
 
     @torch.inference_mode()
-    def _run(self, bucket: list[tuple[int, torch.Tensor]]) -> None:
+    def add(self, positions: torch.Tensor, x: torch.Tensor) -> None:
+        """Add the descriptors of the uint8 batch ``x`` (B, 3, H, W) to the rows ``positions``."""
         cuda = self.device.type == "cuda"
-        positions = torch.tensor([p for p, _ in bucket])
-        x = torch.stack([t for _, t in bucket])
-        if cuda:
-            x, positions = x.pin_memory(), positions.pin_memory()
         x = normalize(x.to(self.device, non_blocking=cuda), self.model.mean, self.model.std)
         with autocast_context(self.device, self.amp):
             out = self.model(x)
-        # one row per item and bucket: index_add_ never adds twice to a row in one call (deterministic)
+        # one row per item in a batch: index_add_ never adds twice to a row in one call (deterministic)
         self.sums.index_add_(0, positions.to(self.device, non_blocking=cuda), out.float())
 
     def descriptors(self) -> torch.Tensor:
         return l2n(self.sums / self.n_scales).cpu()
 
 
-def _loader(dataset, indices: Sequence[int], num_workers: int) -> DataLoader:
-    return DataLoader(
-        Subset(dataset, list(indices)),
-        batch_size=None,
-        shuffle=False,
+def _extract_shards(model, dataset, shards, settings, batch_size, num_workers, device, amp, bar):
+    """Yield ``(shard, descriptors, ok, failures)`` per shard of ``shards`` = [(shard, indices)], in order.
+
+    One DataLoader serves all shards (workers start once); batches never span shards.
+    """
+    if not shards:
+        return
+    loader = DataLoader(
+        _ShardItems(dataset),
+        batch_sampler=_ShardBatches(dataset, shards, settings, batch_size),
         num_workers=num_workers,
-        collate_fn=lambda item: item,
-        persistent_workers=False,
+        collate_fn=collate_groups,
+        pin_memory=device.type == "cuda",
         prefetch_factor=4 if num_workers > 0 else None,
     )
+    order = {shard: list(indices) for shard, indices in shards}
+    current, sums, ok, failures, position = None, None, None, [], {}
 
+    def finish():
+        return current, sums.descriptors(), ok, failures
 
-def _extract_items(model, dataset, indices, settings, batch_size, num_workers, device, amp, bar):
-    """Descriptors of ``dataset[indices]`` (in that order) and the failures among them."""
-    bucketer = _Bucketer(model, len(indices), len(settings.scales), batch_size, device, amp)
-    failures: list[Failure] = []
-    ok = torch.ones(len(indices), dtype=torch.bool)
-    for position, (item, index) in enumerate(_loader(dataset, indices, num_workers)):
-        if isinstance(item, LoadFailure):
-            failures.append(Failure(int(index), item.path, item.reason))
-            ok[position] = False
-        else:
-            bucketer.add(position, item)
+    for batch in loader:
+        if batch["shard"] != current:
+            if current is not None:
+                yield finish()
+            current = batch["shard"]
+            indices = order[current]
+            position = {index: p for p, index in enumerate(indices)}
+            sums = _Sums(model, len(indices), len(settings.scales), device, amp)
+            ok, failures = torch.ones(len(indices), dtype=torch.bool), []
+        for f in batch["failures"]:
+            failures.append(Failure(int(f.index), f.path, f.reason))
+            ok[position[f.index]] = False
+        n = len(batch["failures"])
+        for indices, stacks in batch["groups"]:
+            rows = torch.tensor([position[int(i)] for i in indices])
+            for x in stacks:
+                sums.add(rows, x)
+            n += len(indices)
         if bar is not None:
-            bar.update(1)
-    bucketer.flush()
-    return bucketer.descriptors(), ok, failures
+            bar.update(n)
+    if current is not None:
+        yield finish()
 
 
 def _dist_info() -> tuple[int, int]:
@@ -244,13 +345,13 @@ def extract_to_store(
     bar = tqdm(total=total, unit="img", desc=f"extract {Path(out).name}", disable=not progress or rank != 0,
                dynamic_ncols=True, smoothing=0.1)
     try:
-        for shard in shards:
-            items = list(store.shard_items(shard))
-            descriptors, ok, failures = _extract_items(
-                model, dataset, items, settings, batch_size, num_workers, device, amp, bar
-            )
+        work = [(shard, list(store.shard_items(shard))) for shard in shards]
+        for shard, descriptors, ok, failures in _extract_shards(
+            model, dataset, work, settings, batch_size, num_workers, device, amp, bar
+        ):
             keep = ok.nonzero().flatten()
-            store.write_shard(shard, descriptors[keep], torch.tensor(items)[keep], failures=failures)
+            store.write_shard(shard, descriptors[keep], torch.tensor(store.shard_items(shard))[keep],
+                              failures=failures)
     finally:
         bar.close()
     _barrier()
@@ -299,9 +400,12 @@ def extract(
     dataset = ImageListDataset([str(p) for p in paths], bbxs, transform,
                                exif_transpose=settings.exif_transpose, on_error="skip")
     bar = tqdm(total=len(dataset), unit="img", disable=not progress, dynamic_ncols=True)
-    descriptors, ok, failures = _extract_items(
-        model, dataset, range(len(dataset)), settings, batch_size, num_workers, device, amp, bar
-    )
+    descriptors = torch.zeros(len(dataset), model.descriptor_dim)
+    ok, failures = torch.ones(len(dataset), dtype=torch.bool), []
+    if len(dataset):
+        (_, descriptors, ok, failures), = list(_extract_shards(  # one shard, the loader run to its end
+            model, dataset, [(0, range(len(dataset)))], settings, batch_size, num_workers, device, amp, bar
+        ))
     bar.close()
     if failures:
         listed = "; ".join(f"{f.path}: {f.reason}" for f in failures[:5])
