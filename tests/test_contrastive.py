@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dtop.data.training import TrainingSet, collate_tuples
 from dtop.engine.mining import TupleBatchSampler, TupleSampler, common_size, pairs_from_labels
@@ -202,3 +204,53 @@ def test_ddp_contrastive_ranks_mine_the_same_negatives_and_stay_in_sync(tmp_path
     one = Trainer(load_train_config(TINY, [*common, f"run.out={tmp_path / 'one'}"]))
     one.mine()
     assert torch.equal(one.sampler.tuples.negatives, r0["negatives"])
+
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+TINY_MODEL = ["model.backbone=hybrid", "model.stem_layers=[1,1,1]", "model.pretrained=none",
+              "model.backbone_args={embed_dim: 64, depth: 4, num_heads: 2, img_size: 128}", "model.layers=[-2,-1]",
+              "model.dim=64", "model.global_dim=64", "model.local_dim=64", "model.local_channels=64",
+              "model.locality_blocks=2"]
+
+
+def test_every_shipped_training_config_loads():
+    names = [p.name for p in sorted((CONFIGS / "train").glob("*.yaml")) if not p.name.startswith("_")]
+    assert "sfm120k_contrastive.yaml" in names and len(names) >= 8
+    for name in names:
+        cfg = load_train_config(str(CONFIGS / "train" / name))
+        assert cfg.loss.resolved_margin() > 0, name
+    cfg = load_train_config(str(CONFIGS / "train" / "sfm120k_contrastive.yaml"))
+    assert (cfg.loss.name, cfg.loss.resolved_margin(), cfg.data.format) == ("contrastive", 0.7, "sfm120k")
+    assert load_train_config(str(CONFIGS / "train" / "sfm120k.yaml")).loss.resolved_margin() == 0.3
+
+
+def test_dtop_train_runs_the_shipped_contrastive_config_on_an_sfm120k_folder(tmp_path):
+    from dtop.cli.main import main
+    from dtop.data.training import sfm_relative_path
+    from dtop.models import load_model
+
+    root = tmp_path / "retrieval-SfM-120k"
+    rng = np.random.default_rng(0)
+    cids, clusters = [], []
+    for c in range(5):
+        colour = rng.integers(0, 255, 3)
+        for k in range(4):
+            cid = f"{c:02d}{k:02d}" + "".join(rng.choice(list("0123456789abcdef"), 10))
+            path = root / "ims" / sfm_relative_path(cid)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pixels = np.clip(colour + rng.integers(-30, 30, (48 + 8 * k, 64, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(path, format="JPEG")
+            cids.append(cid)
+            clusters.append(100 + c)
+    db = {"train": {"cids": cids, "cluster": clusters, "qidxs": [0, 4, 8, 12, 16, 1], "pidxs": [1, 5, 9, 13, 17, 2]}}
+    (root / "retrieval-SfM-120k.pkl").write_bytes(pickle.dumps(db, protocol=2))
+    out = tmp_path / "run"
+    code = main(["train", "--config", str(CONFIGS / "train" / "sfm120k_contrastive.yaml"), f"data.root={root}",
+                 f"run.out={out}", *TINY_MODEL, "data.train_size=64", "data.num_workers=0", "optim.batch_size=2",
+                 "loss.num_queries=6", "loss.pool_size=20", "loss.num_negatives=2", "optim.epochs=2",
+                 "run.progress=false", "optim.amp=none", "run.device=cpu", "run.log_every=1"])
+    assert code == 0
+    steps = [r for r in records(out) if "loss" in r]
+    assert steps[-1]["step"] == 6 and all(np.isfinite(r["loss"]) for r in steps)  # 3 batches × 2 epochs
+    assert [r["epoch"] for r in records(out) if r.get("event") == "mining"] == [0, 1]
+    assert load_model(out / "last.safetensors").descriptor_dim == 64
