@@ -207,3 +207,15 @@ def test_real_training_run(tmp_path, capsys):
     for name in ("loss.png", "lr.png", "val_map.png"):
         c = colours(run / "plots" / name)
         assert len(c) > 10 and BLUE in c
+
+
+def test_contrastive_mining_records_give_a_negatives_plot(tmp_path, capsys):
+    run = write_run(tmp_path / "tuples", val_every=None, end=False)
+    with open(run / "metrics.jsonl", "a") as f:
+        for epoch in range(3):  # as Trainer.mine logs them, one per epoch
+            f.write(json.dumps({"event": "mining", "step": 10 * epoch, "epoch": epoch,
+                                "mean_negative_distance": 0.2 + 0.05 * epoch, "mining_seconds": 1.0}) + "\n")
+    assert main(["plot", str(run)]) == 0
+    paths = written(capsys.readouterr().out)
+    assert [p.name for p in paths] == ["loss.png", "lr.png", "negatives.png"]
+    assert colours(run / "plots" / "negatives.png").get(BLUE, 0) > 300

@@ -412,10 +412,10 @@ def build_report(
 
 def _training_section(models: list[dict[str, Any]], slugs: list[str], eval_dir: Path, out: Path,
                       notes: list[str]) -> str:
+    from dtop.report.plots import PLOT_TITLES as titles
     from dtop.report.plots import line_plot, read_metrics, training_curves
 
     blocks = []
-    titles = {"loss": "training loss", "lr": "learning rate", "validation": "validation mAP"}
     for entry, slug in zip(models, slugs):
         run = entry.get("train_run")
         if not run:

@@ -185,10 +185,12 @@ def training_curves(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str,
 
     The x axis is ``step`` (the record's position where absent). ``loss`` and ``lr`` plot those keys
     (and ``lr_*`` / ``*_lr`` keys, e.g. per-part learning rates); ``validation`` plots ``val_map`` and
-    every other numeric ``val_*`` key; a dict value (e.g. ``val_map: {"medium": .., "hard": ..}``)
+    every other numeric ``val_*`` key; ``mining`` plots ``mean_negative_distance`` of the contrastive
+    protocol's mining records (one per epoch); a dict value (e.g. ``val_map: {"medium": .., "hard": ..}``)
     gives one series per entry. Plots without data are left out.
     """
-    plots: dict[str, dict[str, tuple[list[float], list[float]]]] = {"loss": {}, "lr": {}, "validation": {}}
+    plots: dict[str, dict[str, tuple[list[float], list[float]]]] = {
+        "loss": {}, "lr": {}, "validation": {}, "mining": {}}
 
     def add(plot: str, label: str, x: float, y: float) -> None:
         xs, ys = plots[plot].setdefault(label, ([], []))
@@ -206,6 +208,8 @@ def training_curves(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str,
                 plot = "lr"
             elif key.startswith("val_"):
                 plot = "validation"
+            elif key == "mean_negative_distance":
+                plot = "mining"
             if plot is None:
                 continue
             if isinstance(value, Mapping):
@@ -220,10 +224,12 @@ def training_curves(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str,
     return {k: v for k, v in plots.items() if v}
 
 
-PLOT_FILES: dict[str, str] = {"loss": "loss.png", "lr": "lr.png", "validation": "val_map.png"}
+PLOT_FILES: dict[str, str] = {"loss": "loss.png", "lr": "lr.png", "validation": "val_map.png",
+                              "mining": "negatives.png"}
 """The file each plot of :func:`plot_runs` is written to."""
 
-_TITLES = {"loss": "training loss", "lr": "learning rate", "validation": "validation mAP"}
+PLOT_TITLES: dict[str, str] = {"loss": "training loss", "lr": "learning rate", "validation": "validation mAP",
+           "mining": "mean distance to the mined hard negatives"}
 
 
 def _run_labels(paths: Sequence[Path]) -> list[str]:
@@ -297,7 +303,8 @@ def plot_runs(
     curves = [training_curves(load_run(p, notes)) for p in paths]
     labels = _run_labels(paths)
     several = len(paths) > 1
-    plots: dict[str, dict[str, tuple[list[float], list[float]]]] = {"loss": {}, "lr": {}, "validation": {}}
+    plots: dict[str, dict[str, tuple[list[float], list[float]]]] = {
+        "loss": {}, "lr": {}, "validation": {}, "mining": {}}
     for label, run_curves in zip(labels, curves):
         if notes is not None:
             if not run_curves.get("loss"):
@@ -312,18 +319,19 @@ def plot_runs(
                 plots[key] = series
                 continue
             # One series per run: the main key, else (e.g. per-part lr, val_map as a dict) the first one.
-            main = {"loss": "loss", "lr": "lr", "validation": "val_map"}[key]
+            main = {"loss": "loss", "lr": "lr", "validation": "val_map", "mining": "mean_negative_distance"}[key]
             name = main if main in series else next(iter(series), None)
             if name is not None:
                 plots[key][label if name == main else f"{label}: {name}"] = series[name]
     title_prefix = "" if several else f"{labels[0]}: "
     written = []
     for key, series in plots.items():
-        if key != "loss" and not series:  # lr.png only with an lr, val_map.png only with validation
+        # lr.png only with an lr, val_map.png with validation, negatives.png with contrastive mining
+        if key != "loss" and not series:
             continue
         path = out / PLOT_FILES[key]
         with atomic_path(path) as tmp:
-            line_plot(series, tmp, title=title_prefix + _TITLES[key], xlabel="step", size=size,
+            line_plot(series, tmp, title=title_prefix + PLOT_TITLES[key], xlabel="step", size=size,
                       legend=True if several else None)
         written.append(path)
     return written
