@@ -28,6 +28,8 @@ from dtop.errors import ConfigError
 T = TypeVar("T")
 
 BASE_KEY = "_base_"
+#: Autocast modes of extraction and training: auto (bf16 on CUDA, off on the CPU), none, bf16, fp16.
+AMP_CHOICES: tuple[str, ...] = ("auto", "none", "bf16", "fp16")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

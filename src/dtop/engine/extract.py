@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dtop.config import to_dict
+from dtop.config import AMP_CHOICES, to_dict
 from dtop.data.images import (
     ImageListDataset,
     LoadFailure,
@@ -47,7 +47,6 @@ from dtop.models.layers import l2n
 from dtop.retrieval.store import DescriptorStore, Failure
 
 DEFAULT_SCALES: tuple[float, ...] = (1 / math.sqrt(2), 1.0, math.sqrt(2))
-AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 
 
 @dataclass

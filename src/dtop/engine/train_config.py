@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dtop.config import from_dict, load_config
+from dtop.config import AMP_CHOICES, from_dict, load_config
 from dtop.errors import ConfigError
 from dtop.models.config import ModelConfig
 
 DATA_FORMATS = ("sfm120k", "gldv2-clean", "gldv1", "folder", "csv")
 LOSSES = ("arcface", "subcenter-arcface", "contrastive")
-AMP_MODES = ("auto", "none", "bf16", "fp16")
 
 
 @dataclass
@@ -109,8 +108,8 @@ class OptimConfig:
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        if self.amp not in AMP_MODES:
-            raise ConfigError(f"optim.amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if self.amp not in AMP_CHOICES:
+            raise ConfigError(f"optim.amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         for name in ("epochs", "batch_size", "accum_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"optim.{name} must be at least 1")
