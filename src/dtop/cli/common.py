@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from dtop.engine.extract import AMP_CHOICES, DEFAULT_SCALES, ExtractSettings
+from dtop.config import AMP_CHOICES
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def add_extraction_args(p: argparse.ArgumentParser, image_size: int = 1024) -> N
     g = p.add_argument_group("extraction")
     g.add_argument("--image-size", type=int, default=image_size,
                    help=f"longer side at scale 1 (default {image_size})")
-    g.add_argument("--scales", type=float, nargs="+", default=list(DEFAULT_SCALES),
+    g.add_argument("--scales", type=float, nargs="+", default=None,
                    help="scales averaged into one descriptor (default 1/√2 1 √2)")
     g.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage precision")
     g.add_argument("--exif-transpose", action="store_true", help="apply EXIF orientation (phone photos)")
@@ -34,9 +34,12 @@ def add_extraction_args(p: argparse.ArgumentParser, image_size: int = 1024) -> N
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def settings_from_args(args: argparse.Namespace) -> ExtractSettings:
-    """The :class:`ExtractSettings` of the parsed options."""
-    return ExtractSettings(image_size=args.image_size, scales=list(args.scales), dtype=args.dtype,
+def settings_from_args(args: argparse.Namespace):
+    """The :class:`~dtop.engine.extract.ExtractSettings` of the parsed options."""
+    from dtop.engine.extract import DEFAULT_SCALES, ExtractSettings  # torch: imported when a command runs
+
+    scales = list(args.scales) if args.scales is not None else list(DEFAULT_SCALES)
+    return ExtractSettings(image_size=args.image_size, scales=scales, dtype=args.dtype,
                            exif_transpose=args.exif_transpose)
 
 

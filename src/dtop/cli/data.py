@@ -15,14 +15,16 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from dtop.data.images import ImageLoadError, load_image
-from dtop.data.training import FORMATS, TrainingSet, load_training_set
+from dtop.data.formats import TRAINING_FORMATS
 from dtop.errors import DataError
 from dtop.utils.io import write_json
+
+if TYPE_CHECKING:
+    from dtop.data.training import TrainingSet
 
 _SHOW = 20
 
@@ -33,6 +35,8 @@ def _check_one(path: str, decode: bool = True) -> tuple[str, str | None]:
         return "missing", None
     if not decode:
         return "ok", None
+    from dtop.data.images import ImageLoadError, load_image  # torch: imported when the check runs
+
     try:
         load_image(path)
     except ImageLoadError as err:
@@ -131,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``dtop data check``."""
     if args.action != "check":  # pragma: no cover - argparse restricts the choices
         raise DataError(f"unknown action {args.action!r}")
+    from dtop.data.training import load_training_set
+
     fmt = args.format
     csv_path = args.csv
     if fmt == "csv" and csv_path is None:
@@ -173,7 +179,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("action", choices=["check"], help="check: count and verify every image")
     p.add_argument("root", help="data folder (sfm120k, gldv2-clean, gldv1, folder) or the CSV file (csv)")
-    p.add_argument("--format", required=True, choices=list(FORMATS), help="training-set format")
+    p.add_argument("--format", required=True, choices=list(TRAINING_FORMATS), help="training-set format")
     p.add_argument("--csv", default=None, help="CSV file of path,label (format csv; default: ROOT)")
     p.add_argument("--path-column", default="path", help="CSV column of image paths (default path)")
     p.add_argument("--label-column", default="label", help="CSV column of labels (default label)")

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from dtop.cli.common import add_extraction_args, add_model_args, load_cli_model, settings_from_args
-from dtop.engine.extract import AMP_CHOICES
+from dtop.config import AMP_CHOICES
 
 MAX_LISTED_FAILURES = 10
 

@@ -21,10 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from dtop.data.gnd import GroundTruth, load_gnd
+from dtop.data.gnd import DEFAULT_KAPPAS, GroundTruth, load_gnd
 from dtop.errors import DataError
-from dtop.retrieval.metrics import DEFAULT_KAPPAS, check_ranks, evaluate, evaluate_scores, format_results
-from dtop.retrieval.search import iter_scores
 from dtop.utils.io import write_json
 
 NORM_TOLERANCE = 1e-2
@@ -108,6 +106,8 @@ def _check_descriptors(x: np.ndarray, what: str, rows: int | None, dim: int | No
 
 
 def _score_ranks(args: argparse.Namespace, gnd: GroundTruth) -> tuple[dict[str, Any], str]:
+    from dtop.retrieval.metrics import check_ranks, evaluate
+
     ranks = _load_npy(args.ranks, "ranks")
     ranks = check_ranks(ranks, gnd.n_queries)
     ranks = np.asarray(ranks)
@@ -121,6 +121,9 @@ def _score_ranks(args: argparse.Namespace, gnd: GroundTruth) -> tuple[dict[str, 
 
 
 def _score_descriptors(args: argparse.Namespace, gnd: GroundTruth) -> tuple[dict[str, Any], str]:
+    from dtop.retrieval.metrics import evaluate_scores
+    from dtop.retrieval.search import iter_scores
+
     if args.database is None:
         raise DataError("--queries needs --database (the descriptors of the imlist images)")
     q = _load_npy(args.queries, "query descriptors")
@@ -142,6 +145,8 @@ def _score_descriptors(args: argparse.Namespace, gnd: GroundTruth) -> tuple[dict
 
 def run(args: argparse.Namespace) -> int:
     """Score ranks or descriptors against a ground truth; print a table, optionally write JSON."""
+    from dtop.retrieval.metrics import format_results  # torch: imported when the command runs
+
     if args.ranks is not None and (args.queries is not None or args.database is not None):
         raise DataError("give either --ranks or --queries/--database, not both")
     if args.ranks is None and args.queries is None:

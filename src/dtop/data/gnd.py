@@ -30,6 +30,8 @@ from dtop.errors import DataError
 from dtop.utils.io import write_json
 
 PROTOCOLS: tuple[str, ...] = ("easy", "medium", "hard")
+#: The k of mP@k reported by default (the reference code's kappas).
+DEFAULT_KAPPAS: tuple[int, ...] = (1, 5, 10)
 """The three protocols of the revisited benchmarks, in reporting order."""
 
 _INDEX_KEYS: tuple[str, ...] = ("easy", "hard", "junk")

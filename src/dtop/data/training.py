@@ -62,6 +62,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from dtop.data.folders import IMAGE_SUFFIXES
+from dtop.data.formats import TRAINING_FORMATS
 from dtop.data.images import RESAMPLE, load_image, to_tensor
 from dtop.errors import DataError
 from dtop.utils.io import atomic_path
@@ -967,7 +968,7 @@ def collate_tuples(
 
 # ------------------------------------------------------------------------------------------ by name
 
-FORMATS: tuple[str, ...] = ("sfm120k", "gldv2-clean", "gldv1", "folder", "csv")
+FORMATS: tuple[str, ...] = TRAINING_FORMATS
 """The training-set formats (``data.format`` of the training config)."""
 
 

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dtop.config import AMP_CHOICES, from_dict, load_config
+from dtop.data.formats import TRAINING_FORMATS
 from dtop.errors import ConfigError
 from dtop.models.config import ModelConfig
 
-DATA_FORMATS = ("sfm120k", "gldv2-clean", "gldv1", "folder", "csv")
 LOSSES = ("arcface", "subcenter-arcface", "contrastive")
 
 
@@ -35,8 +35,8 @@ class DataConfig:
     num_workers: int = 4
 
     def __post_init__(self) -> None:
-        if self.format not in DATA_FORMATS:
-            raise ConfigError(f"data.format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
+        if self.format not in TRAINING_FORMATS:
+            raise ConfigError(f"data.format must be one of {', '.join(TRAINING_FORMATS)}, got {self.format!r}")
         if self.sampling not in ("group-size", "square"):
             raise ConfigError(f"data.sampling must be group-size or square, got {self.sampling!r}")
         if self.train_size < 16 or self.train_size % 16:

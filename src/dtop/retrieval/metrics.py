@@ -35,10 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtop.data.gnd import PROTOCOLS, GroundTruth
+from dtop.data.gnd import DEFAULT_KAPPAS, PROTOCOLS, GroundTruth
 from dtop.errors import DataError
 
-DEFAULT_KAPPAS: tuple[int, ...] = (1, 5, 10)
 _SCORE_BLOCK = 1 << 16  # columns per block when a whole score matrix is given
 
 
