@@ -22,7 +22,6 @@ import dataclasses
 import math
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ from dtop.engine.extract import (
     plan_batches,
 )
 from dtop.models import build_model, resolve_model_config
+from timing import timed
 
 R1M_IMAGES = 1_001_001
 
@@ -98,17 +98,6 @@ def run_tensors(model, batches, n_items: int, n_scales: int, device, amp) -> tor
     return sums.descriptors()
 
 
-def timed(fn, device) -> tuple[float, float, torch.Tensor]:
-    """Wall seconds, CPU seconds of the calling (GPU-driving) thread, and the result."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start, cpu = time.perf_counter(), time.thread_time()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, time.thread_time() - cpu, out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dtop_hybrid", help="a model config, or 'stub' (no compute)")
@@ -134,7 +123,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_images(Path(tmp), args.images, width, height)
-        transform = MultiScaleTransform(settings.image_size, settings.scales, model.mean, model.std)
+        transform = MultiScaleTransform(settings.image_size, settings.scales)
         dataset = ImageListDataset(paths, None, transform)
         decoded = decode_batches(dataset, settings, args.batch, pin=device.type == "cuda")
         megabytes = sum(p.stat().st_size for p in paths) / 2**20

@@ -14,23 +14,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import time
 
 import torch
 
 from dtop.models import build_model, resolve_model_config
 from dtop.models.backbone import create_vit
 from dtop.models.locality import is_locality_param
-
-
-def timed(fn, x, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+from timing import timed
 
 
 def main() -> None:
@@ -63,8 +53,8 @@ def main() -> None:
                 model(x), bare.forward_features(x)  # warm-up
                 t_bare, t_dtop = [], []
                 for _ in range(args.repeats):
-                    t_bare.append(timed(bare.forward_features, x, device))
-                    t_dtop.append(timed(model, x, device))
+                    t_bare.append(timed(lambda: bare.forward_features(x), device)[0])  # noqa: B023
+                    t_dtop.append(timed(lambda: model(x), device)[0])  # noqa: B023
                 b, d = statistics.median(t_bare), statistics.median(t_dtop)
                 print(f"{size:>10} {batch:>5} {b:>11.3f} {d:>9.3f} {d / b:>6.3f} {batch / d:>10.2f}", flush=True)
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import time
 
 import torch
 
 from dtop.engine.losses import build_loss
 from dtop.engine.train import TrainModule, param_groups
 from dtop.models import build_model, resolve_model_config
+from timing import timed
 
 
 class Variant:
@@ -49,16 +49,6 @@ class Variant:
         torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-
-def timed(variant: Variant, images, labels, amp, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    variant.step(images, labels, amp)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def peak_memory_gib(variant: Variant, images, labels, amp, device) -> float | None:
@@ -103,7 +93,7 @@ def main() -> None:
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     for _ in range(args.repeats):
         for v in variants:
-            times[v.name].append(timed(v, images, labels, amp, device))
+            times[v.name].append(timed(lambda: v.step(images, labels, amp), device)[0])  # noqa: B023
     print(f"{'model':>22} {'M params':>9} {'step s':>8} {'img/s':>8} {'peak GiB':>9}")
     for v in variants:
         t = statistics.median(times[v.name])

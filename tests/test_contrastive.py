@@ -17,7 +17,7 @@ from dtop.engine.mining import TupleBatchSampler, TupleSampler, common_size, pai
 from dtop.engine.train import Trainer, build_tuple_sampler, train
 from dtop.engine.train_config import load_train_config
 from dtop.errors import ConfigError, DataError
-from test_train import TINY, make_classes
+from test_train import TINY, _state, make_classes
 
 CONTRASTIVE = ["loss.name=contrastive", "loss.num_queries=12", "loss.pool_size=36", "loss.num_negatives=2",
                "optim.batch_size=2", "data.augment=false", "data.train_size=64", "data.num_workers=0",
@@ -143,10 +143,6 @@ def test_contrastive_training_lowers_the_loss_of_the_mined_tuples(tmp_path, data
     mined = [r for r in records(tmp_path / "run") if r.get("event") == "mining"]
     assert [r["epoch"] for r in mined] == [0, 1, 2]  # 6 steps per epoch: mined again at each epoch start
     assert all(r["mean_negative_distance"] > 0 for r in mined)
-
-
-def _state(run: Path) -> dict:
-    return torch.load(run / "state.pt", weights_only=True)
 
 
 def test_contrastive_resume_is_exact_across_an_epoch_boundary(tmp_path, data):

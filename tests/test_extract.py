@@ -158,7 +158,7 @@ def test_batches_are_planned_from_headers_and_crops_as_loading_gives_them(tmp_pa
 
     paths = make_images(tmp_path / "im", 8)
     bbxs = [None, [3.5, 2.5, 40.5, 30.49], None, [0, 0, 10, 70], None, None, [5, 5, 64, 44], None]
-    dataset = ImageListDataset(paths, bbxs, MultiScaleTransform(64, SETTINGS.scales, [0.5] * 3, [0.5] * 3))
+    dataset = ImageListDataset(paths, bbxs, MultiScaleTransform(64, SETTINGS.scales))
     shapes = input_shapes(dataset, range(8), SETTINGS)
     for i, shape in enumerate(shapes):
         loaded, _ = dataset[i]

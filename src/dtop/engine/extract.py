@@ -94,10 +94,9 @@ class MultiScaleTransform:
     host-to-GPU copy than float32, which keeps decoding hidden behind the model on a GPU.
     """
 
-    def __init__(self, image_size: int, scales: Sequence[float], mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, image_size: int, scales: Sequence[float]):
         self.image_size = image_size
         self.scales = list(scales)
-        self.mean, self.std = list(mean), list(std)
 
     def __call__(self, img) -> list[torch.Tensor]:  # noqa: D102
         return [to_uint8_tensor(resize_image(img, self.image_size * s)) for s in self.scales]
@@ -170,13 +169,12 @@ class _ShardBatches:
     shard overlaps with the model working on the current one.
     """
 
-    def __init__(self, dataset: ImageListDataset, shards: Sequence[tuple[int, Sequence[int]]],
+    def __init__(self, dataset: ImageListDataset, shards: Sequence[tuple[int, list[int]]],
                  settings: ExtractSettings, batch_size: int):
         self.dataset, self.shards, self.settings, self.batch_size = dataset, shards, settings, batch_size
 
     def __iter__(self):
         for shard, indices in self.shards:
-            indices = list(indices)
             shapes = input_shapes(self.dataset, indices, self.settings)
             for batch in plan_batches(shapes, self.batch_size):
                 yield [(shard, indices[p]) for p in batch]
@@ -248,6 +246,7 @@ def _extract_shards(model, dataset, shards, settings, batch_size, num_workers, d
 
     One DataLoader serves all shards (workers start once); batches never span shards.
     """
+    shards = [(shard, list(indices)) for shard, indices in shards]
     if not shards:
         return
     loader = DataLoader(
@@ -260,7 +259,7 @@ def _extract_shards(model, dataset, shards, settings, batch_size, num_workers, d
         # shared memory, so many workers hold one each (enough to keep a GPU fed), few hold two.
         prefetch_factor=(1 if num_workers >= 4 else 2) if num_workers > 0 else None,
     )
-    order = {shard: list(indices) for shard, indices in shards}
+    order = dict(shards)
     current, sums, ok, failures, position = None, None, None, [], {}
 
     def finish():
@@ -337,7 +336,7 @@ def extract_to_store(
     _barrier()
     if rank != 0:
         store = DescriptorStore.open(out)
-    transform = MultiScaleTransform(settings.image_size, settings.scales, model.mean, model.std)
+    transform = MultiScaleTransform(settings.image_size, settings.scales)
     dataset = ImageListDataset(paths, bbxs, transform, exif_transpose=settings.exif_transpose, on_error="skip")
     shards = store.assigned_shards(rank, world)
     if max_shards is not None:
@@ -346,13 +345,12 @@ def extract_to_store(
     bar = tqdm(total=total, unit="img", desc=f"extract {Path(out).name}", disable=not progress or rank != 0,
                dynamic_ncols=True, smoothing=0.1)
     try:
-        work = [(shard, list(store.shard_items(shard))) for shard in shards]
+        work = {shard: list(store.shard_items(shard)) for shard in shards}
         for shard, descriptors, ok, failures in _extract_shards(
-            model, dataset, work, settings, batch_size, num_workers, device, amp, bar
+            model, dataset, list(work.items()), settings, batch_size, num_workers, device, amp, bar
         ):
             keep = ok.nonzero().flatten()
-            store.write_shard(shard, descriptors[keep], torch.tensor(store.shard_items(shard))[keep],
-                              failures=failures)
+            store.write_shard(shard, descriptors[keep], torch.tensor(work[shard])[keep], failures=failures)
     finally:
         bar.close()
     _barrier()
@@ -397,7 +395,7 @@ def extract(
     settings = settings or ExtractSettings()
     device = resolve_device(device)
     model = model.to(device).eval()
-    transform = MultiScaleTransform(settings.image_size, settings.scales, model.mean, model.std)
+    transform = MultiScaleTransform(settings.image_size, settings.scales)
     dataset = ImageListDataset([str(p) for p in paths], bbxs, transform,
                                exif_transpose=settings.exif_transpose, on_error="skip")
     bar = tqdm(total=len(dataset), unit="img", disable=not progress, dynamic_ncols=True)
@@ -431,7 +429,7 @@ def describe(
     if bbx is not None:
         img = crop_bbx(img, bbx)
     device = next(model.parameters()).device
-    transform = MultiScaleTransform(image_size, scales, model.mean, model.std)
+    transform = MultiScaleTransform(image_size, scales)
     with torch.inference_mode():
         outs = [model(normalize(x[None].to(device), model.mean, model.std)).float().cpu() for x in transform(img)]
     return l2n(torch.stack(outs).mean(0))[0]

@@ -256,7 +256,9 @@ class Trainer:
         warmup = min(o.warmup_steps, schedule_steps // 2 or 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, warmup, schedule_steps, o.min_lr_ratio))
-        self.amp_dtype = self._amp_dtype(o.amp)
+        # "none" | "bf16" | "fp16" (auto resolved for the device), as extraction's amp option takes it
+        self.amp = o.amp if o.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         from dtop.data.training import TrainDataset
 
@@ -288,11 +290,6 @@ class Trainer:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(dev)
         return rank, world, dev
-
-    def _amp_dtype(self, amp: str) -> torch.dtype | None:
-        if amp == "auto":
-            amp = "bf16" if self.device.type == "cuda" else "none"
-        return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
     def _tensorboard(self):
         try:
@@ -477,14 +474,13 @@ class Trainer:
         """
         from dtop.engine.extract import ExtractSettings, extract
 
-        amp = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
         mine = list(indices)[self.rank :: self.world]
         self.model.eval()
         try:
             part = extract(self.model, [self.training_set.paths[i] for i in mine],
                            settings=ExtractSettings(image_size=self.config.data.train_size, scales=[1.0]),
                            batch_size=self.config.loss.mining_batch_size, num_workers=self.config.data.num_workers,
-                           device=self.device, amp=amp, skip_bad=True)
+                           device=self.device, amp=self.amp, skip_bad=True)
         finally:
             self.model.train()
         if self.world == 1:
@@ -512,8 +508,7 @@ class Trainer:
             ds = RevisitedDataset(v.data_root, v.dataset)
             settings = ExtractSettings(image_size=v.image_size, scales=v.scales)
             self.model.eval()
-            amp = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
-            kw = dict(settings=settings, batch_size=v.batch_size, device=self.device, amp=amp)
+            kw = dict(settings=settings, batch_size=v.batch_size, device=self.device, amp=self.amp)
             q = extract(self.model, ds.query_paths, bbxs=ds.query_bbxs, **kw)
             x = extract(self.model, ds.database_paths, **kw)
             self.model.train()

@@ -189,8 +189,7 @@ def training_curves(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str,
     protocol's mining records (one per epoch); a dict value (e.g. ``val_map: {"medium": .., "hard": ..}``)
     gives one series per entry. Plots without data are left out.
     """
-    plots: dict[str, dict[str, tuple[list[float], list[float]]]] = {
-        "loss": {}, "lr": {}, "validation": {}, "mining": {}}
+    plots: dict[str, dict[str, tuple[list[float], list[float]]]] = {key: {} for key in PLOT_FILES}
 
     def add(plot: str, label: str, x: float, y: float) -> None:
         xs, ys = plots[plot].setdefault(label, ([], []))
@@ -303,8 +302,7 @@ def plot_runs(
     curves = [training_curves(load_run(p, notes)) for p in paths]
     labels = _run_labels(paths)
     several = len(paths) > 1
-    plots: dict[str, dict[str, tuple[list[float], list[float]]]] = {
-        "loss": {}, "lr": {}, "validation": {}, "mining": {}}
+    plots: dict[str, dict[str, tuple[list[float], list[float]]]] = {key: {} for key in PLOT_FILES}
     for label, run_curves in zip(labels, curves):
         if notes is not None:
             if not run_curves.get("loss"):
