@@ -98,6 +98,26 @@ def run_tensors(model, batches, n_items: int, n_scales: int, device, amp) -> tor
     return sums.descriptors()
 
 
+def host_waits(model, batches, n_items: int, n_scales: int, device, amp) -> str:
+    """On CUDA: the first call in the extraction loop that makes the host wait for the GPU, or 'none'.
+
+    Such a wait per batch leaves the GPU idle while the next batch is fetched from the loader.
+    """
+    sums = _Sums(model, n_items, n_scales, device, amp)
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in batches:
+            for indices, stacks in batch["groups"]:
+                for x in stacks:
+                    sums.add(indices, x)
+        return "none"
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dtop_hybrid", help="a model config, or 'stub' (no compute)")
@@ -148,6 +168,9 @@ def main() -> None:
             t, c, from_tensors = timed(tensors, device)
             t_tensors.append(t)
             c_tensors.append(c)
+        if device.type == "cuda":
+            waits = host_waits(model, decoded, len(paths), len(settings.scales), device, args.amp)
+            print(f"host waits for the GPU inside the extraction loop: {waits}")
     diff = (from_files - from_tensors).abs().max().item()
     f, m = statistics.median(t_files), statistics.median(t_tensors)
     cf, cm = (1e3 * statistics.median(c) / args.images for c in (c_files, c_tensors))

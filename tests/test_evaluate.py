@@ -113,3 +113,24 @@ def test_post_processing_and_bad_dataset(bench, tmp_path, capsys):
     assert [s["name"] for s in payload["models"][0]["post"]] == ["whiten", "qe"]
     assert main(["evaluate", "--model", "dtop_tiny", "--dataset", "nowhere", "--data-root", str(bench), *ARGS]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_results_table_columns_stay_aligned_with_long_names():
+    from dtop.engine.evaluate import format_table
+
+    def result(m):
+        return {p: {"map": m, "mp": {"10": m}} for p in ("easy", "medium", "hard")}
+
+    models = [
+        {"name": "dtop_tiny", "results": {"roxford5k": result(0.5)}},
+        {"name": "gem_tokens_tiny (trained) with a long name", "results": {"roxford5k+r1m-long-variant": result(0.25)}},
+    ]
+    lines = format_table(models).splitlines()
+    header, rows = lines[0], lines[2:]
+    # Every row puts its numbers right under the header's E/M/H columns and names never touch them.
+    assert len({len(line) for line in [header, *rows]}) == 1
+    for row, model in zip(rows, models):
+        name, variant = model["name"], next(iter(model["results"]))
+        assert row.startswith(name + " ")
+        assert variant + " " in row
+        assert row.split()[-5:] == [f"{100 * model['results'][variant]['easy']['map']:.2f}"] * 5

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dtop.data.images import load_image, resize_image, to_tensor
-from dtop.engine.extract import ExtractSettings, describe, extract, extract_to_store
+from dtop.data.images import channel_tensors, load_image, normalize, resize_image, to_tensor
+from dtop.engine.extract import ExtractSettings, _Sums, describe, extract, extract_to_store
 from dtop.errors import DataError
 from dtop.models import build_model, save_checkpoint
 
@@ -45,6 +45,33 @@ def test_bucketed_batches_equal_one_image_at_a_time(tmp_path, model):
     single = torch.stack([describe(model, p, image_size=64, scales=[0.75, 1.0]) for p in paths])
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batched.norm(dim=1), torch.ones(9))
+
+
+def test_normalisation_constants_built_once_give_the_same_values():
+    x = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    assert torch.equal(normalize(x, *channel_tensors(mean, std)), normalize(x, mean, std))
+    with pytest.raises(DataError, match="3 values"):
+        channel_tensors([0.5, 0.5], std)
+    with pytest.raises(DataError, match="positive"):
+        channel_tensors(mean, [0.2, 0.0, 0.2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_extraction_loop_never_makes_the_host_wait_for_the_gpu(model):
+    # A host-side wait per batch leaves the GPU idle while the next batch is fetched: loading is
+    # then no longer hidden behind compute (issue 3's files/tensors ratio).
+    device = torch.device("cuda")
+    sums = _Sums(model.to(device).eval(), 4, 2, device, "bf16")
+    pageable = torch.randint(0, 256, (4, 3, 64, 48), dtype=torch.uint8)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sums.add(torch.arange(4), pageable.pin_memory())
+        sums.add(torch.tensor([3, 2, 1, 0]), pageable)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sums.descriptors().shape == (4, model.descriptor_dim)
 
 
 def test_extraction_equals_the_model_on_cpu_normalised_tensors(tmp_path, model):

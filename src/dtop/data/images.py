@@ -260,16 +260,33 @@ def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
-def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 RGB values (…, 3, H, W) → float32 ``(x / 255 - mean) / std``, on ``x``'s device.
+def channel_tensors(
+    mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` as float32 (3, 1, 1) tensors on ``device``, for :func:`normalize`.
 
-    Extraction moves uint8 batches to the GPU and normalises there; :func:`to_tensor` runs the
-    same arithmetic on the CPU.
+    Build them once per run: making a tensor from host values on CUDA is a blocking copy that waits
+    for the whole stream, so doing it per batch would stall the GPU between batches.
     """
     _check_mean_std(mean, std)
-    m = torch.tensor([float(v) for v in mean], dtype=torch.float32, device=x.device).view(3, 1, 1)
-    s = torch.tensor([float(v) for v in std], dtype=torch.float32, device=x.device).view(3, 1, 1)
-    return x.to(torch.float32).div_(255.0).sub_(m).div_(s)
+    return tuple(  # type: ignore[return-value]
+        torch.tensor([float(v) for v in values], dtype=torch.float32, device=device).view(3, 1, 1)
+        for values in (mean, std)
+    )
+
+
+def normalize(
+    x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
+    """uint8 RGB values (…, 3, H, W) → float32 ``(x / 255 - mean) / std``, on ``x``'s device.
+
+    ``mean``/``std`` are 3 numbers each, or the tensors of :func:`channel_tensors` on ``x``'s device
+    (no host-to-device copy). Extraction moves uint8 batches to the GPU and normalises there;
+    :func:`to_tensor` runs the same arithmetic on the CPU.
+    """
+    if not isinstance(mean, torch.Tensor) or not isinstance(std, torch.Tensor):
+        mean, std = channel_tensors(mean, std, x.device)
+    return x.to(torch.float32).div_(255.0).sub_(mean).div_(std)
 
 
 def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

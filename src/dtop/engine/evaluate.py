@@ -118,14 +118,18 @@ def evaluate_model(
 
 def format_table(models: list[dict[str, Any]]) -> str:
     """The standard table: mAP (%) E/M/H per dataset variant, one row per model and variant."""
-    lines = [f"{'model':<24}{'dataset':<20}{'E':>8}{'M':>8}{'H':>8}{'mP@10 M':>10}{'mP@10 H':>10}",
-             "-" * 88]
+    # Name columns widen to the longest entry (plus a gap), so long model names never run into
+    # the dataset column.
+    name_w = max([len("model"), *(len(e["name"]) for e in models)]) + 2
+    variant_w = max([len("dataset"), *(len(v) for e in models for v in e["results"])]) + 2
+    header = f"{'model':<{name_w}}{'dataset':<{variant_w}}{'E':>8}{'M':>8}{'H':>8}{'mP@10 M':>10}{'mP@10 H':>10}"
+    lines = [header, "-" * len(header)]
     for entry in models:
         for variant, res in entry["results"].items():
             cells = "".join(f"{100 * res[p]['map']:>8.2f}" for p in PROTOCOLS)
             mp = [res[p]["mp"].get("10") for p in ("medium", "hard")]
             mps = "".join(f"{100 * v:>10.2f}" if v is not None else f"{'-':>10}" for v in mp)
-            lines.append(f"{entry['name']:<24}{variant:<20}{cells}{mps}")
+            lines.append(f"{entry['name']:<{name_w}}{variant:<{variant_w}}{cells}{mps}")
     return "\n".join(lines)
 
 

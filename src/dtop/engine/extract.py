@@ -35,6 +35,7 @@ from dtop.config import AMP_CHOICES, to_dict
 from dtop.data.images import (
     ImageListDataset,
     LoadFailure,
+    channel_tensors,
     load_image,
     normalize,
     resize_image,
@@ -220,22 +221,30 @@ class _Sums:
     """Per-scale descriptors summed per item on the model's device.
 
     Nothing waits for the GPU until :meth:`descriptors`, so the next batch arrives (stacked and
-    pinned by the DataLoader) while the current one computes.
+    pinned by the DataLoader) while the current one computes: the normalisation constants live on
+    the device, and every host-to-device copy is from pinned memory (a copy from pageable memory, or
+    a blocking one, would make the host wait for the stream and leave the GPU idle while the next
+    batch is fetched).
     """
 
     def __init__(self, model: RetrievalModel, n_items: int, n_scales: int, device: torch.device, amp: str):
         self.model, self.device, self.amp, self.n_scales = model, device, amp, n_scales
         self.sums = torch.zeros(n_items, model.descriptor_dim, dtype=torch.float32, device=device)
+        self.mean, self.std = channel_tensors(model.mean, model.std, device)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def add(self, positions: torch.Tensor, x: torch.Tensor) -> None:
         """Add the descriptors of the uint8 batch ``x`` (B, 3, H, W) to the rows ``positions``."""
-        cuda = self.device.type == "cuda"
-        x = normalize(x.to(self.device, non_blocking=cuda), self.model.mean, self.model.std)
+        x = normalize(self._to_device(x), self.mean, self.std)
         with autocast_context(self.device, self.amp):
             out = self.model(x)
         # one row per item in a batch: index_add_ never adds twice to a row in one call (deterministic)
-        self.sums.index_add_(0, positions.to(self.device, non_blocking=cuda), out.float())
+        self.sums.index_add_(0, self._to_device(positions), out.float())
 
     def descriptors(self) -> torch.Tensor:
         return l2n(self.sums / self.n_scales).cpu()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import nn
 
 from dtop.models.config import ModelConfig
@@ -56,8 +55,3 @@ class RetrievalModel(nn.Module):
             groups[self.part_of(name)].append(param)
         return groups
 
-    def normalize_input(self, images: torch.Tensor) -> torch.Tensor:
-        """Map [0, 1] RGB images to the model's input normalisation."""
-        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-        return (images - mean) / std
