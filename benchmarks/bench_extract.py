@@ -10,7 +10,9 @@
 * **tensors**: the same model on the same batches of the same tensors, decoded, resized and
   stacked beforehand (pinned on CUDA): only the model and the host-to-device copies are timed.
 
-Both give the same descriptors (checked). Runs are interleaved and the median is reported.
+Both give the same descriptors (checked). Runs are interleaved and the median is reported. On
+CUDA it also reports the first call inside the extraction loop that makes the host wait for the GPU
+(expected: none; such a wait per batch leaves the GPU idle while the next batch is fetched).
 Target: files / tensors throughput ≥ 0.9 (decoding hidden behind compute). The images/s of the
 files run and the implied time for R1M (1,001,001 images) on this device are printed too.
 """
