@@ -297,6 +297,12 @@ def test_clear_errors(built, photos, tmp_path, capsys):
     assert "is not a dtop image index" in err and "index.json" in err
     err = error(["index", "add", "--index", str(tmp_path / "plain"), "--images", str(photos.lib)])
     assert "is not a dtop image index" in err
+    outdated = tmp_path / "outdated"
+    shutil.copytree(built, outdated)
+    meta = json.loads((outdated / "index.json").read_text())
+    (outdated / "index.json").write_text(json.dumps({**meta, "format_version": 0}))
+    err = error(["search", "--index", str(outdated), str(photos.lib_paths[0])])
+    assert "format version 0; this dtop reads 1" in err and "--overwrite" in err
     err = error(["search", "--index", str(built), str(tmp_path / "missing.jpg"), *RUN_OPTS])
     assert "query image not found" in err
     (tmp_path / "garbage.jpg").write_bytes(b"GIF89a but not really")

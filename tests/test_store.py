@@ -216,3 +216,21 @@ def test_open_errors(tmp_path) -> None:
         create(damaged)
     with pytest.raises(DataError, match="empty image list"):
         DescriptorStore.create(tmp_path / "e", [], SETTINGS, MODEL)
+
+
+def test_damaged_or_outdated_manifest_says_how_to_fix_it(tmp_path) -> None:
+    root = tmp_path / "s"
+    create(root)
+    path = root / "manifest.json"
+    good = json.loads(path.read_text())
+    path.write_text(path.read_text()[:-20])
+    with pytest.raises(DataError, match="not readable JSON.*re-extract with --overwrite"):
+        DescriptorStore.open(root)
+    path.write_text(json.dumps({**good, "format_version": 99}))
+    with pytest.raises(DataError, match="format version 99; this dtop reads 1. Re-extract"):
+        DescriptorStore.open(root)
+    path.write_text(json.dumps({k: v for k, v in good.items() if k != "num_shards"}))
+    with pytest.raises(DataError, match=r"lacks the key\(s\) \['num_shards'\]"):
+        DescriptorStore.open(root)
+    path.write_text(json.dumps(good))
+    assert DescriptorStore.open(root).manifest()["num_shards"] == good["num_shards"]

@@ -269,10 +269,11 @@ def channel_tensors(
     for the whole stream, so doing it per batch would stall the GPU between batches.
     """
     _check_mean_std(mean, std)
-    return tuple(  # type: ignore[return-value]
-        torch.tensor([float(v) for v in values], dtype=torch.float32, device=device).view(3, 1, 1)
-        for values in (mean, std)
-    )
+
+    def as_tensor(values: Sequence[float]) -> torch.Tensor:
+        return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device).view(3, 1, 1)
+
+    return as_tensor(mean), as_tensor(std)
 
 
 def normalize(

@@ -61,7 +61,7 @@ from dtop.errors import ConfigError, DataError
 from dtop.models.base import RetrievalModel
 from dtop.retrieval.search import FaissIndex, search
 from dtop.retrieval.store import DescriptorStore, Failure
-from dtop.utils.io import write_json, write_text
+from dtop.utils.io import read_versioned_json, write_json, write_text
 
 FORMAT = "dtop-image-index"
 FORMAT_VERSION = 1
@@ -236,21 +236,11 @@ class ImageIndex:
         if not path.is_file():
             what = " (it is a descriptor store made by `dtop extract`)" if (root / "manifest.json").is_file() else ""
             raise DataError(f"{root} is not a dtop image index: it has no {INDEX_FILE}{what}; {build_hint}")
-        try:
-            meta = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise DataError(f"{path} is not readable JSON ({err}); the index is damaged, rebuild it") from err
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise DataError(f"{path} is not a dtop image index (format must be {FORMAT!r}); {build_hint}")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise DataError(
-                f"{root} has image index format version {meta.get('format_version')}; this dtop reads "
-                f"{FORMAT_VERSION}. Rebuild it with `dtop index build ... --overwrite`."
-            )
-        missing = [k for k in _REQUIRED if k not in meta]
-        if missing:
-            raise DataError(f"{path} lacks the key(s) {missing}; the index is damaged, rebuild it")
-        return meta
+        return read_versioned_json(
+            path, fmt=FORMAT, version=FORMAT_VERSION, required=_REQUIRED, kind="image index",
+            damaged="the index is damaged, rebuild it", foreign=f"; {build_hint}",
+            outdated="Rebuild it with `dtop index build ... --overwrite`.",
+        )
 
     @classmethod
     def create(

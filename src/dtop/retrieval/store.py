@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from dtop.errors import ConfigError, DataError
-from dtop.utils.io import atomic_path, write_json
+from dtop.utils.io import atomic_path, read_versioned_json, write_json
 
 FORMAT = "dtop-descriptors"
 FORMAT_VERSION = 1
@@ -217,20 +217,10 @@ class DescriptorStore:
             raise DataError(
                 f"{root} is not a descriptor store (no {MANIFEST}); extract descriptors into it first"
             )
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise DataError(f"{path} is not readable JSON ({err}); re-extract with --overwrite") from err
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise DataError(f"{path} is not a dtop descriptor store manifest (format must be {FORMAT!r})")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise DataError(
-                f"{root} has descriptor store format version {manifest.get('format_version')}; this dtop "
-                f"reads {FORMAT_VERSION}. Re-extract with --overwrite."
-            )
-        missing = [k for k in _STATIC_KEYS if k not in manifest]
-        if missing:
-            raise DataError(f"{path} lacks the key(s) {missing}; re-extract with --overwrite")
+        manifest = read_versioned_json(
+            path, fmt=FORMAT, version=FORMAT_VERSION, required=_STATIC_KEYS, kind="descriptor store manifest",
+            damaged="re-extract with --overwrite", outdated="Re-extract with --overwrite.",
+        )
         return cls(root, manifest)
 
     @staticmethod

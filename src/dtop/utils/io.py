@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +72,40 @@ def _nan_to_none(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_nan_to_none(v) for v in obj]
     return obj
+
+
+def read_versioned_json(
+    path: Path,
+    *,
+    fmt: str,
+    version: int,
+    required: Sequence[str],
+    kind: str,
+    damaged: str,
+    foreign: str = "",
+    outdated: str,
+) -> dict[str, Any]:
+    """Read the JSON header of an on-disk format: a dict with ``format`` = ``fmt``,
+    ``format_version`` = ``version`` and every key of ``required``, else a :class:`DataError`.
+
+    ``kind`` names the format (``"descriptor store"``); ``damaged`` says how to repair unreadable
+    JSON or missing keys, ``foreign`` (may be empty) what to do with a file of another format, and
+    ``outdated`` what to do with another format version.
+    """
+    from dtop.errors import DataError
+
+    try:
+        header = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path} is not readable JSON ({err}); {damaged}") from err
+    if not isinstance(header, dict) or header.get("format") != fmt:
+        raise DataError(f"{path} is not a dtop {kind} (format must be {fmt!r}){foreign}")
+    if header.get("format_version") != version:
+        raise DataError(
+            f"{path.parent} has {kind} format version {header.get('format_version')}; this dtop reads "
+            f"{version}. {outdated}"
+        )
+    missing = [k for k in required if k not in header]
+    if missing:
+        raise DataError(f"{path} lacks the key(s) {missing}; {damaged}")
+    return header
