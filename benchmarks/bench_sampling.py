@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from dtop.data.folders import list_images
+from dtop.data.images import read_image_sizes
 from dtop.data.sampler import FixedSizeBatchSampler, GroupSizeBatchSampler
-from dtop.data.training import read_image_sizes
 
 ROXFORD_LIKE = "4:3=0.62,3:4=0.25,3:2=0.04,2:3=0.02,1:1=0.02,16:9=0.02,3:1=0.03"
 

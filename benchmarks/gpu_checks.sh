@@ -37,7 +37,7 @@ timeout 60 $PY benchmarks/bench_forward.py --model $MODEL --sizes 1024x768 --bat
 
 echo "== 4. end to end on $DEVICE"
 W="$OUT/e2e"
-$PY -c "from dtop.data.synthetic import generate_benchmark as g; g('$W/data')" >/dev/null
+$PY -c "from dtop.apps.synthetic import generate_benchmark as g; g('$W/data')" >/dev/null
 timeout 90 $PY -m dtop.cli.main train --config configs/train/tiny.yaml data.root="$W/data/dtop-mini-train" \
   run.out="$W/train" run.device=$DEVICE optim.amp=$AMP run.max_steps=30 data.train_size=96 data.num_workers=4 \
   run.progress=false

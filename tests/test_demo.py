@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from dtop.engine.demo import run_demo
+from dtop.apps.demo import run_demo
 
 SMALL = dict(n_train_instances=60, n_test_instances=35, train_views=5, n_distractors=60)
 

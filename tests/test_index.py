@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-import dtop.retrieval.index as index_module
+import dtop.apps.index as index_module
+from dtop.apps.index import FORMAT, ImageIndex, build_image_index
 from dtop.cli.main import main
 from dtop.engine.extract import ExtractSettings, model_fingerprint
 from dtop.errors import ConfigError, DataError
 from dtop.report.contact_sheet import CAPTION_HEIGHT, PAD, SEPARATOR, contact_sheet, sheet_size
-from dtop.retrieval.index import FORMAT, ImageIndex, build_image_index
 
 BUILD_OPTS = ["--image-size", "64", "--workers", "0", "--no-progress"]
 RUN_OPTS = ["--workers", "0", "--no-progress"]

@@ -189,7 +189,7 @@ def test_read_metrics_strict_and_lenient(tmp_path):
 
 def test_real_training_run(tmp_path, capsys):
     """A tiny real `dtop train` run (2 epochs, validated after each) plots loss, lr and val_map."""
-    from dtop.data.synthetic import generate_benchmark
+    from dtop.apps.synthetic import generate_benchmark
 
     root = tmp_path / "data"
     bench = generate_benchmark(root, "mini", n_train_instances=4, n_test_instances=3, train_views=3,

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from dtop.apps.synthetic import generate_benchmark
 from dtop.cli.main import main
 from dtop.data.revisited import RevisitedDataset
-from dtop.data.synthetic import generate_benchmark
 from dtop.models import build_model
 from dtop.report import build_report
 from dtop.report.heatmaps import attention_heatmap, cls_attention, colormap, overlay

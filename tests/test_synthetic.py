@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dtop.apps.synthetic import MARKER, generate_benchmark, load_image_meta, render_instance
 from dtop.data.gnd import load_gnd
 from dtop.data.revisited import RevisitedDataset
-from dtop.data.synthetic import MARKER, generate_benchmark, load_image_meta, render_instance
 from dtop.errors import DataError
 
 SMALL = dict(n_train_instances=4, n_test_instances=3, train_views=2, n_distractors=4, image_size=96)
@@ -167,7 +167,7 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
 
 
 def test_a_killed_run_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
-    import dtop.data.synthetic as synthetic
+    import dtop.apps.synthetic as synthetic
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt

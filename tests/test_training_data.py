@@ -20,11 +20,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import dtop.data.images
 from dtop.cli.main import build_parser
 from dtop.cli.main import main as cli_main
 from dtop.data import download as dl
 from dtop.data import training as T
 from dtop.data.download import CATALOGUE, ChecksumError, DownloadError, Resource, download_dataset, parse_md5_file
+from dtop.data.images import read_image_sizes
 from dtop.data.sampler import GroupSizeBatchSampler
 from dtop.data.training import (
     TrainDataset,
@@ -294,7 +296,7 @@ def test_aspect_ratios_are_read_once_and_cached(folder_root, monkeypatch):
     def boom(path):
         raise AssertionError("headers must come from the cache")
 
-    monkeypatch.setattr(T, "_read_one_size", boom)
+    monkeypatch.setattr(dtop.data.images, "_read_one_size", boom)
     again = load_image_folder(folder_root)
     assert np.array_equal(again.aspect_ratios(progress=False), ratios)
     # A filtered set shares the full set's cache.
@@ -316,7 +318,7 @@ def test_unreadable_headers_count_as_square(tmp_path):
 
 def test_threaded_header_reading(tmp_path):
     paths = [str(_write_jpeg(tmp_path / f"{k}.jpg", size=(16 + k, 16))) for k in range(80)]
-    sizes = T.read_image_sizes(paths, workers=4, progress=False)
+    sizes = read_image_sizes(paths, workers=4, progress=False)
     assert sizes[:, 0].tolist() == [16 + k for k in range(80)] and set(sizes[:, 1].tolist()) == {16}
 
 

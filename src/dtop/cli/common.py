@@ -63,6 +63,6 @@ def init_distributed() -> None:
 
 def load_cli_model(args: argparse.Namespace):
     """The model named by ``--model`` (with overrides)."""
-    from dtop.cli.info import load_any_model
+    from dtop.models import create_model
 
-    return load_any_model(args.model, list(args.overrides or []))
+    return create_model(args.model, list(args.overrides or []))

@@ -7,7 +7,7 @@ import argparse
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo."""
-    from dtop.engine.demo import run_demo
+    from dtop.apps.demo import run_demo
 
     run_demo(args.out, minutes=args.minutes, device=args.device, seed=args.seed, workers=args.workers)
     return 0

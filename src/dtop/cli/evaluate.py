@@ -16,13 +16,13 @@ def model_name(spec: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate every ``--model`` and print the standard table."""
-    from dtop.cli.info import load_any_model
     from dtop.engine.evaluate import format_table, run_evaluation
+    from dtop.models import create_model
 
     init_distributed()
     models = []
     for spec in args.model:
-        model = load_any_model(spec, list(args.overrides or []))
+        model = create_model(spec, list(args.overrides or []))
         models.append((model_name(spec), spec, model))
     out = Path(args.out or f"runs/evaluate/{Path(args.dataset).name}")
     payload = run_evaluation(

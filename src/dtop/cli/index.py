@@ -78,8 +78,8 @@ def print_add_report(index, report) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     """Create the index (or reopen the same one) and add the images."""
+    from dtop.apps.index import ImageIndex
     from dtop.data.folders import read_image_list
-    from dtop.retrieval.index import ImageIndex
 
     paths = read_image_list(args.images)
     model = load_cli_model(args)
@@ -95,8 +95,8 @@ def run_build(args: argparse.Namespace) -> int:
 
 def run_add(args: argparse.Namespace) -> int:
     """Add the new and modified images of a folder or list to an index."""
+    from dtop.apps.index import ImageIndex
     from dtop.data.folders import read_image_list
-    from dtop.retrieval.index import ImageIndex
 
     index = ImageIndex.open(args.index)
     paths = read_image_list(args.images)
@@ -107,7 +107,7 @@ def run_add(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     """Print a summary of an index."""
-    from dtop.retrieval.index import ImageIndex
+    from dtop.apps.index import ImageIndex
 
     index = ImageIndex.open(args.index)
     summary = index.summary()

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-from pathlib import Path
 
 from dtop.errors import ConfigError
 
@@ -23,30 +21,13 @@ def parse_size(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def load_any_model(spec: str, overrides: list[str], pretrained: bool = True):
-    """A model from a checkpoint file, a config file or a registered name.
-
-    With ``pretrained=False`` configs are built without fetching backbone weights.
-    """
-    from dtop.models import build_model, load_model, resolve_model_config
-
-    path = Path(spec)
-    if path.suffix == ".safetensors" and path.is_file():
-        if overrides:
-            raise ConfigError("key=value overrides do not apply to a checkpoint")
-        return load_model(path)
-    config = resolve_model_config(spec, overrides)
-    if not pretrained:
-        config = dataclasses.replace(config, pretrained=None)
-    return build_model(config)
-
-
 def run(args: argparse.Namespace) -> int:
     """Print the model summary."""
+    from dtop.models import create_model
     from dtop.models.info import format_summary, model_summary
 
     height, width = parse_size(args.size)
-    model = load_any_model(args.model, args.overrides, pretrained=False)
+    model = create_model(args.model, args.overrides, pretrained=False)
     summary = model_summary(model, height, width)
     if args.json:
         print(json.dumps(summary, indent=2))

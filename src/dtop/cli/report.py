@@ -19,8 +19,8 @@ def _heatmap_models(args: argparse.Namespace) -> list[tuple[str, object]] | None
     if args.heatmaps is None:
         return None
     from dtop.cli.evaluate import model_name
-    from dtop.cli.info import load_any_model
     from dtop.errors import DtopError
+    from dtop.models import create_model
 
     specs: list[tuple[str, str, bool]] = [(model_name(s), s, True) for s in args.heatmaps]
     if not specs:  # `--heatmaps` alone: the models recorded in results.json
@@ -31,7 +31,7 @@ def _heatmap_models(args: argparse.Namespace) -> list[tuple[str, object]] | None
     out = []
     for name, spec, explicit in specs:
         try:
-            model = load_any_model(spec, [])
+            model = create_model(spec, [])
         except DtopError as err:
             if explicit:
                 raise

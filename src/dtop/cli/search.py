@@ -40,7 +40,7 @@ def format_results(results) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Search the index and write the requested outputs."""
-    from dtop.retrieval.index import ImageIndex
+    from dtop.apps.index import ImageIndex
     from dtop.utils.io import write_json
 
     if args.topk < 1:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from dtop.errors import DataError
 
@@ -442,3 +444,37 @@ class ImageListDataset(Dataset):
                 return LoadFailure(index, err.path, err.reason), index
             raise
         return (self.transform(img) if self.transform is not None else img), index
+
+
+_SIZE_THREADS = 16
+
+
+def _read_one_size(path: str) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            return int(im.size[0]), int(im.size[1])
+    except Exception:  # missing, not an image, corrupt header: unknown size, skipped when loaded
+        return 0, 0
+
+
+def read_image_sizes(
+    paths: Sequence[str], *, workers: int | None = None, progress: bool = True, desc: str = "image sizes"
+) -> np.ndarray:
+    """``(N, 2)`` int64 width, height from the image headers (PIL, no decoding; ``(0, 0)`` if unreadable)."""
+    n = len(paths)
+    out = np.zeros((n, 2), dtype=np.int64)
+    workers = workers or min(_SIZE_THREADS, 4 * (os.cpu_count() or 1))
+    chunk = 1024
+    with tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        if workers <= 1 or n < 64:
+            for i, p in enumerate(paths):
+                out[i] = _read_one_size(p)
+                bar.update(1)
+            return out
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for start in range(0, n, chunk * workers):
+                stop = min(n, start + chunk * workers)
+                for i, size in enumerate(pool.map(_read_one_size, paths[start:stop], chunksize=64), start):
+                    out[i] = size
+                bar.update(stop - start)
+    return out

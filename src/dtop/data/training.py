@@ -50,7 +50,6 @@ import math
 import os
 import pickle
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,11 +58,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from dtop.data.folders import IMAGE_SUFFIXES
 from dtop.data.formats import TRAINING_FORMATS
-from dtop.data.images import RESAMPLE, load_image, to_tensor
+from dtop.data.images import RESAMPLE, load_image, read_image_sizes, to_tensor
 from dtop.errors import DataError
 from dtop.utils.io import atomic_path
 
@@ -82,7 +80,6 @@ INDEX_KEYS: tuple[str, ...] = ("qidxs", "pidxs")
 """``extras`` keys holding aligned arrays of indices into ``paths`` (kept consistent by subsets)."""
 
 _MAX_PICKLE_BYTES = 1 << 30
-_SIZE_THREADS = 16
 
 
 # ------------------------------------------------------------------------------------- TrainingSet
@@ -309,37 +306,6 @@ def _subset_extras(extras: dict[str, Any], idx: np.ndarray, n: int) -> dict[str,
         keep = np.all([a >= 0 for a in arrays], axis=0)
         for k, a in zip(INDEX_KEYS, arrays):
             out[k] = a[keep]
-    return out
-
-
-def _read_one_size(path: str) -> tuple[int, int]:
-    try:
-        with Image.open(path) as im:
-            return int(im.size[0]), int(im.size[1])
-    except Exception:  # missing, not an image, corrupt header: unknown size, skipped when loaded
-        return 0, 0
-
-
-def read_image_sizes(
-    paths: Sequence[str], *, workers: int | None = None, progress: bool = True, desc: str = "image sizes"
-) -> np.ndarray:
-    """``(N, 2)`` int64 width, height from the image headers (PIL, no decoding; ``(0, 0)`` if unreadable)."""
-    n = len(paths)
-    out = np.zeros((n, 2), dtype=np.int64)
-    workers = workers or min(_SIZE_THREADS, 4 * (os.cpu_count() or 1))
-    chunk = 1024
-    with tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        if workers <= 1 or n < 64:
-            for i, p in enumerate(paths):
-                out[i] = _read_one_size(p)
-                bar.update(1)
-            return out
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for start in range(0, n, chunk * workers):
-                stop = min(n, start + chunk * workers)
-                for i, size in enumerate(pool.map(_read_one_size, paths[start:stop], chunksize=64), start):
-                    out[i] = size
-                bar.update(stop - start)
     return out
 
 

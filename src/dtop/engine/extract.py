@@ -131,7 +131,7 @@ def input_shapes(
     another shape: :func:`collate_groups` then batches it apart). ``None``: the header is
     unreadable (the item will fail to load, or is batched alone).
     """
-    from dtop.data.training import read_image_sizes
+    from dtop.data.images import read_image_sizes
 
     sizes = read_image_sizes([dataset.path(i) for i in indices], progress=False)
     out: list[tuple[tuple[int, int], ...] | None] = []

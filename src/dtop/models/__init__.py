@@ -4,13 +4,14 @@ from dtop.models.base import RetrievalModel
 from dtop.models.checkpoint import load_model, load_weights, read_checkpoint, save_checkpoint
 from dtop.models.config import ModelConfig
 from dtop.models.dtop import DToP
-from dtop.models.factory import build_model, list_models, register_model_config, resolve_model_config
+from dtop.models.factory import build_model, create_model, list_models, register_model_config, resolve_model_config
 
 __all__ = [
     "DToP",
     "ModelConfig",
     "RetrievalModel",
     "build_model",
+    "create_model",
     "list_models",
     "load_model",
     "load_weights",

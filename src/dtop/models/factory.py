@@ -7,6 +7,7 @@ more at run time.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
@@ -98,3 +99,25 @@ def build_model(
         torch.manual_seed(cfg.init_seed)
         model = ARCH_REGISTRY[cfg.arch](cfg)
     return model.eval()
+
+
+def create_model(
+    spec: str | os.PathLike | Mapping[str, Any] | ModelConfig, overrides: Sequence[str] = (), *, pretrained: bool = True
+) -> RetrievalModel:
+    """The one entry for "a model from a checkpoint, a config file or a registered name".
+
+    A ``.safetensors`` file is loaded as a dtop checkpoint (no overrides apply); anything else is
+    resolved as a config and built. With ``pretrained=False`` no backbone weights are fetched.
+    """
+    if isinstance(spec, str | os.PathLike):
+        path = Path(spec)
+        if path.suffix == ".safetensors" and path.is_file():
+            if overrides:
+                raise ConfigError("key=value overrides do not apply to a checkpoint")
+            from dtop.models.checkpoint import load_model
+
+            return load_model(path)
+    config = resolve_model_config(spec, overrides)
+    if not pretrained:
+        config = dataclasses.replace(config, pretrained=None)
+    return build_model(config)

@@ -60,6 +60,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from dtop.errors import DataError
 
 GENERATOR_VERSION = 1
+#: The generator's name in the marker file; an on-disk identifier, kept as written by earlier versions.
+GENERATOR_ID = "dtop.data.synthetic"
 """Bumped whenever the generated pixels or layout change (part of the idempotence marker)."""
 
 MARKER = "synthetic.json"
@@ -726,7 +728,7 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
 
 
 def _marker(params: SyntheticParams) -> dict[str, Any]:
-    return {"generator": "dtop.data.synthetic", "version": GENERATOR_VERSION, "params": asdict(params)}
+    return {"generator": GENERATOR_ID, "version": GENERATOR_VERSION, "params": asdict(params)}
 
 
 def _read_marker(folder: Path) -> dict[str, Any] | None:
@@ -738,7 +740,7 @@ def _read_marker(folder: Path) -> dict[str, Any] | None:
 
 def _is_ours(folder: Path) -> bool:
     m = _read_marker(folder)
-    return isinstance(m, dict) and m.get("generator") == "dtop.data.synthetic"
+    return isinstance(m, dict) and m.get("generator") == GENERATOR_ID
 
 
 def _build(params: SyntheticParams, test_dir: Path, train_dir: Path) -> dict[str, Any]:

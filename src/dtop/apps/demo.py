@@ -1,6 +1,6 @@
 """``dtop demo``: dtop's whole job on built-in data, offline, in a few minutes on a CPU.
 
-1. generate the built-in benchmark (:mod:`dtop.data.synthetic`, revisited format + training split);
+1. generate the built-in benchmark (:mod:`dtop.apps.synthetic`, revisited format + training split);
 2. train the tiny DToP on the training split, and the CLS-only and GeM-tokens heads the same way;
 3. evaluate them and the untrained tiny DToP under the revisited protocol;
 4. print the results table and write the HTML report.
@@ -46,7 +46,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 5.0, device: str = 
 
     ``max_steps`` caps each training by steps instead of time only (reproducible, for tests).
     """
-    from dtop.data.synthetic import generate_benchmark
+    from dtop.apps.synthetic import generate_benchmark
     from dtop.engine.evaluate import format_table, run_evaluation
     from dtop.engine.extract import ExtractSettings
     from dtop.engine.train import train
