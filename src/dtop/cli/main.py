@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from dtop.errors import DtopError
@@ -28,14 +29,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"dtop.cli.{name}")
-        except ModuleNotFoundError as err:  # a sub-command not written yet
-            if err.name == f"dtop.cli.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"dtop.cli.{name}").register(sub)
     return parser
+
+
+class _TqdmHandler(logging.Handler):
+    """Writes log records to stderr through tqdm, so that they do not break a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # a broken stream must not end the run
+            self.handleError(record)
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return f"warning: {message}" if record.levelno >= logging.WARNING else message
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Route the library's ``logging`` (and Python warnings) to stderr, one line per message."""
+    root = logging.getLogger("dtop")
+    for handler in list(root.handlers):
+        if isinstance(handler, _TqdmHandler):
+            root.removeHandler(handler)
+    handler = _TqdmHandler()
+    handler.setFormatter(_Formatter())
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+    logging.captureWarnings(True)
+    warnings_logger = logging.getLogger("py.warnings")
+    if not any(isinstance(h, _TqdmHandler) for h in warnings_logger.handlers):
+        warnings_logger.addHandler(handler)
+        warnings_logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    setup_logging()
     try:
         return int(args.func(args) or 0)
     except DtopError as err:
