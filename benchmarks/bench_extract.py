@@ -1,4 +1,4 @@
-"""Extraction throughput from image files on disk vs the model alone on pre-decoded tensors (issue 3).
+"""Extraction throughput from image files on disk vs the model alone on pre-decoded tensors.
 
     python benchmarks/bench_extract.py [--model dtop_hybrid] [--images 64] [--source 1024x768]
         [--image-size 1024] [--scales 0.7071 1 1.4142] [--batch 8] [--workers 2]

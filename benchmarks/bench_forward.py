@@ -6,7 +6,7 @@
 Both models run the same timm VisionTransformer weights; the bare backbone is timm's own
 ``forward_features`` (final norm included), DToP adds locality modules (zero-initialised) and its head.
 Runs are interleaved (A, B, A, B, ...) and the median is reported, because this machine is noisy.
-Target (issue 2): DToP / backbone <= 1.10.
+Target: DToP / backbone <= 1.10.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ between equal scores become common, which exercises the tie rule (equal scores r
 increasing index, i.e. a stable sort of -scores).
 
 - reference: numpy matmul of all scores, full stable argsort per query, and the per-query loop of
-  revisitop's compute_map (SPEC §5) for each protocol;
+  revisitop's compute_map for each protocol;
 - dtop: ``evaluate_scores(iter_scores(Q, X), gnd)``: chunked matmul and rank counting, no sort.
 
 Both run once on a small slice first (not timed) so that one-time library initialisation is not
@@ -118,7 +118,7 @@ def make_data(gnd: GroundTruth, n_distractors: int, dim: int, seed: int) -> tupl
 
 
 def reference_compute_map(ranks: np.ndarray, gnd: list[dict], kappas: list[int]) -> tuple:
-    """revisitop compute_map (per-query loop) with the SPEC §5 fix for lists without positives."""
+    """revisitop compute_map (per-query loop) with the fix for lists without positives."""
     map_, nq, nempty = 0.0, len(gnd), 0
     aps, pr, prs = np.zeros(nq), np.zeros(len(kappas)), np.zeros((nq, len(kappas)))
     for i in np.arange(nq):

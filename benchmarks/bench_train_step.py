@@ -1,4 +1,4 @@
-"""Training-step time of DToP vs the same backbone with a plain [CLS] head (issue 4).
+"""Training-step time of DToP vs the same backbone with a plain [CLS] head.
 
     python benchmarks/bench_train_step.py [--model dtop_hybrid] [--baseline cls_hybrid]
         [--size 512x384] [--batch 4] [--classes 1000] [--device cpu|cuda] [--amp none|bf16]

@@ -6,7 +6,7 @@
 #
 # 1. extraction: files vs pre-decoded tensors, DToP hybrid, 1024 px, 3 scales, bf16 (+ R1M time);
 # 2. training step: DToP vs CLS at 512 px, bf16, images/s and peak memory with/without checkpointing;
-# 3. forward: DToP vs the bare timm backbone at 1024x768 (issue 2);
+# 3. forward: DToP vs the bare timm backbone at 1024x768;
 # 4. end to end on CUDA: built-in data → `dtop train` (bf16) → `dtop evaluate`.
 set -u
 OUT=${1:-runs/gpu_checks}

@@ -60,7 +60,7 @@ def test_normalisation_constants_built_once_give_the_same_values():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_extraction_loop_never_makes_the_host_wait_for_the_gpu(model):
     # A host-side wait per batch leaves the GPU idle while the next batch is fetched: loading is
-    # then no longer hidden behind compute (issue 3's files/tensors ratio).
+    # then no longer hidden behind compute (the files/tensors ratio of bench_extract).
     device = torch.device("cuda")
     sums = _Sums(model.to(device).eval(), 4, 2, device, "bf16")
     pageable = torch.randint(0, 256, (4, 3, 64, 48), dtype=torch.uint8)

@@ -56,10 +56,10 @@ def reference_compute_ap(ranks: np.ndarray, nres: int) -> float:
 
 
 def reference_compute_map(ranks: np.ndarray, gnd: list[dict], kappas: list[int]) -> tuple:
-    """revisitop compute_map (the per-query loop), plus the one fix SPEC §5 names.
+    """revisitop compute_map (the per-query loop), plus one fix.
 
-    Fix: when a truncated list holds no positive, the reference crashes on ``max(pos)``; SPEC §5
-    says P@k = 0 there (AP is already 0).
+    Fix: when a truncated list holds no positive, the reference crashes on ``max(pos)``; dtop
+    defines P@k = 0 there (AP is already 0).
     """
     map_ = 0.0
     nq = len(gnd)
@@ -169,7 +169,7 @@ def test_compute_map_by_hand() -> None:
     assert prs[0].tolist() == [0.0, 0.5, 0.5] and prs[3].tolist() == [0.0, 0.5, 0.5]
     assert mean_ap == pytest.approx((1 / 3 + 0 + 2 / 9) / 3, abs=1e-15)  # 3 queries with positives
     assert pr.tolist() == pytest.approx([0.0, 1 / 3, 1 / 3])
-    # the reference (with the SPEC fix for q2) agrees bit for bit
+    # the reference (with that fix for q2) agrees bit for bit
     ref = reference_compute_map(ranks, [{"ok": p, "junk": j} for p, j in gnd], [1, 5, 10])
     assert ref[0] == mean_ap and _same(ref[1], aps) and _same(ref[2], pr) and _same(ref[3], prs)
 

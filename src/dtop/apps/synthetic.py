@@ -1,7 +1,7 @@
 """A built-in instance-retrieval benchmark, generated offline and deterministically from a seed.
 
 ``generate_benchmark(root)`` draws procedural scenes with numpy and PIL only (no network, no extra
-dependency) and writes them in exactly the revisited format (SPEC §7), so every dtop tool reads them:
+dependency) and writes them in exactly the revisited format, so every dtop tool reads them:
 
 * ``<root>/<name>/jpg/<image>.jpg`` and ``<root>/<name>/gnd_<name>.pkl`` (``imlist``, ``qimlist``,
   ``gnd`` = one ``{bbx, easy, hard, junk}`` per query; plain dicts, lists, str, int and float, so the
@@ -60,9 +60,10 @@ from PIL import Image, ImageDraw, ImageFilter
 from dtop.errors import DataError
 
 GENERATOR_VERSION = 1
-#: The generator's name in the marker file; an on-disk identifier, kept as written by earlier versions.
-GENERATOR_ID = "dtop.data.synthetic"
 """Bumped whenever the generated pixels or layout change (part of the idempotence marker)."""
+
+GENERATOR_ID = "dtop.data.synthetic"
+"""The generator's name in the marker file: an on-disk identifier, kept as earlier versions wrote it."""
 
 MARKER = "synthetic.json"
 """File in the benchmark and training folders that records the generation parameters."""
