@@ -155,7 +155,7 @@ def test_sfm120k_bad_inputs(tmp_path, sfm_root):
     with pytest.raises(DataError, match="lacks \\['cluster'\\]"):
         load_sfm120k(sfm_root)
     pkl.write_bytes(b"\x80\x04garbage")
-    with pytest.raises(DataError, match="not a readable pickle"):
+    with pytest.raises(DataError, match="not a readable dataset pickle"):
         load_sfm120k(sfm_root)
 
 

@@ -1,24 +1,14 @@
 """Ground truth of the revisited benchmarks (ROxford5k, RParis6k): loading, validation, protocols.
 
-The official files (``gnd_roxford5k.pkl``, ``gnd_rparis6k.pkl``) are pickles of a dict with
-``imlist`` (database image names), ``qimlist`` (query image names) and ``gnd`` (one dict per query
-with ``bbx`` [x1, y1, x2, y2] and index lists ``easy``, ``hard``, ``junk`` into ``imlist``).
-
-Unpickling an untrusted file can run arbitrary code, so :func:`load_gnd` uses a restricted
-unpickler. The official files are built only from pickle opcodes for dicts, lists, str, int and
-float: they reference no global at all. The unpickler therefore admits *no* global (no class, no
-function, not even ``builtins.set`` or numpy): any pickle that names one, such as a crafted file
-calling ``os.system``, is refused with a :class:`~dtop.errors.DataError` before anything runs.
-The same content is accepted as JSON (``.json``), see :meth:`GroundTruth.save_json`.
+The official ``gnd_<dataset>.pkl`` files are read with an unpickler that admits no global at all
+(:func:`dtop.utils.io.safe_unpickle`); the same content is accepted as JSON. See ``docs/data.md``.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from dtop.errors import DataError
-from dtop.utils.io import write_json
+from dtop.utils.io import MAX_PICKLE_BYTES, safe_unpickle, write_json
 
 PROTOCOLS: tuple[str, ...] = ("easy", "medium", "hard")
 #: The k of mP@k reported by default (the reference code's kappas).
@@ -35,7 +25,6 @@ DEFAULT_KAPPAS: tuple[int, ...] = (1, 5, 10)
 """The three protocols of the revisited benchmarks, in reporting order."""
 
 _INDEX_KEYS: tuple[str, ...] = ("easy", "hard", "junk")
-_MAX_PICKLE_BYTES = 1 << 30
 
 
 class QueryTruth(NamedTuple):
@@ -43,42 +32,6 @@ class QueryTruth(NamedTuple):
 
     positives: np.ndarray
     junk: np.ndarray
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that builds plain data only: every global lookup is refused."""
-
-    def __init__(self, file: io.BytesIO, source: str) -> None:
-        super().__init__(file)
-        self._source = source
-
-    def find_class(self, module: str, name: str) -> Any:  # noqa: D102 - pickle API
-        raise DataError(
-            f"{self._source}: the pickle references the global '{module}.{name}', which a ground-truth "
-            "file never needs (the official gnd_*.pkl files hold only dicts, lists, strings and numbers); "
-            "refusing to load it because unpickling it could run code. Use the official file from "
-            "http://cmp.felk.cvut.cz/revisitop/ or convert your ground truth to JSON "
-            "(GroundTruth.save_json)."
-        )
-
-    def persistent_load(self, pid: Any) -> Any:  # noqa: D102 - pickle API
-        raise DataError(
-            f"{self._source}: the pickle uses persistent ids, which a ground-truth file never needs; "
-            "refusing to load it. Use the official gnd_*.pkl file or a JSON ground truth."
-        )
-
-
-def _unpickle(data: bytes, source: str) -> Any:
-    unpickler = _RestrictedUnpickler(io.BytesIO(data), source)
-    try:
-        return unpickler.load()
-    except DataError:
-        raise
-    except Exception as err:  # corrupt or truncated pickle: UnpicklingError, EOFError, ValueError, ...
-        raise DataError(
-            f"{source}: not a readable ground-truth pickle ({type(err).__name__}: {err}). Download the "
-            "file again (gnd_<dataset>.pkl from http://cmp.felk.cvut.cz/revisitop/) or pass a JSON file."
-        ) from err
 
 
 def _fail(source: str, what: str) -> DataError:
@@ -285,7 +238,7 @@ def load_gnd(path: str | os.PathLike) -> GroundTruth:
             "or fix the path."
         )
     size = path.stat().st_size
-    if size > _MAX_PICKLE_BYTES:
+    if size > MAX_PICKLE_BYTES:
         raise DataError(f"{path}: {size} bytes is far too large for a ground-truth file; wrong file?")
     if path.suffix.lower() == ".json":
         try:
@@ -293,8 +246,16 @@ def load_gnd(path: str | os.PathLike) -> GroundTruth:
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise DataError(f"{path}: not valid JSON ({err}); write it with GroundTruth.save_json") from err
     else:
-        data = path.read_bytes()
-        if data.lstrip()[:1] in (b"{", b"["):
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        if head.lstrip()[:1] in (b"{", b"["):
             raise DataError(f"{path}: looks like JSON but is not named .json; rename it to *.json")
-        obj = _unpickle(data, source)
+        # The official files use only the opcodes of dicts, lists, str, int and float: no global at all.
+        obj = safe_unpickle(
+            path,
+            kind="ground-truth pickle",
+            holds="dicts, lists, strings and numbers",
+            hint="Download the official gnd_<dataset>.pkl again (http://cmp.felk.cvut.cz/revisitop/) or "
+            "convert your ground truth to JSON (GroundTruth.save_json).",
+        )
     return GroundTruth.from_dict(obj, name=_default_name(path), source=source)

@@ -43,12 +43,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib
-import io
 import logging
 import math
 import os
-import pickle
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +60,7 @@ from dtop.data.folders import IMAGE_SUFFIXES
 from dtop.data.formats import TRAINING_FORMATS
 from dtop.data.images import RESAMPLE, load_image, read_image_sizes, to_tensor
 from dtop.errors import DataError
-from dtop.utils.io import atomic_path
+from dtop.utils.io import NUMPY_ARRAY_GLOBALS, atomic_path, safe_unpickle
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +76,6 @@ GLDV1_CSV = "train.csv"
 INDEX_KEYS: tuple[str, ...] = ("qidxs", "pidxs")
 """``extras`` keys holding aligned arrays of indices into ``paths`` (kept consistent by subsets)."""
 
-_MAX_PICKLE_BYTES = 1 << 30
 
 
 # ------------------------------------------------------------------------------------- TrainingSet
@@ -365,63 +361,6 @@ def _require_file(path: Path, what: str, hint: str) -> None:
         raise DataError(f"{what} not found: {path}{near}. {hint}")
 
 
-# ------------------------------------------------------------------------------- safe unpickling
-
-_NUMPY_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-}
-
-
-class _DataUnpickler(pickle.Unpickler):
-    """Builds plain data and numpy arrays only; every other global (classes, functions) is refused."""
-
-    def __init__(self, file: io.BytesIO, source: str) -> None:
-        super().__init__(file, encoding="latin1")
-        self._source = source
-
-    def find_class(self, module: str, name: str) -> Any:  # noqa: D102 - pickle API
-        if (module, name) in _NUMPY_GLOBALS:
-            mod = module
-            if module.startswith("numpy.core") or module.startswith("numpy._core"):
-                mod = "numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray"
-            return getattr(importlib.import_module(mod), name)
-        raise DataError(
-            f"{self._source}: the pickle references the global '{module}.{name}'; a dataset file needs only "
-            "lists, dicts, strings, numbers and numpy arrays, so it is refused (unpickling it could run code). "
-            "Use the official file."
-        )
-
-    def persistent_load(self, pid: Any) -> Any:  # noqa: D102 - pickle API
-        raise DataError(f"{self._source}: the pickle uses persistent ids; refusing to load it")
-
-
-def safe_unpickle(path: str | os.PathLike) -> Any:
-    """Unpickle a dataset file that holds only plain data and numpy arrays (anything else is refused).
-
-    :func:`dtop.data.gnd.load_gnd` has a stricter unpickler (no global at all, ground-truth wording);
-    this one also admits numpy arrays, which training-set pickles may hold.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    if size > _MAX_PICKLE_BYTES:
-        raise DataError(f"{path}: {size} bytes is far too large for a dataset pickle; wrong file?")
-    data = path.read_bytes()
-    if not data:
-        raise DataError(f"{path}: empty file; download it again")
-    try:
-        # Python 2 pickles hold byte strings; latin1 decodes them losslessly (ids are ASCII).
-        return _DataUnpickler(io.BytesIO(data), str(path)).load()
-    except DataError:
-        raise
-    except Exception as err:
-        raise DataError(f"{path}: not a readable pickle ({type(err).__name__}: {err}); download it again") from err
-
-
 # ----------------------------------------------------------------------------------------- loaders
 
 
@@ -437,7 +376,10 @@ def read_sfm_db(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     come together) int64 arrays of indices into ``cids``.
     """
     path = Path(path)
-    obj = safe_unpickle(path)
+    # Python 2 pickles hold byte strings; latin1 decodes them losslessly (ids are ASCII).
+    obj = safe_unpickle(path, allowed=NUMPY_ARRAY_GLOBALS, kind="dataset pickle",
+                        holds="lists, dicts, strings, numbers and numpy arrays",
+                        hint="Download the official file again.", encoding="latin1")
     if not isinstance(obj, dict) or not obj:
         raise DataError(f"{path}: expected a dict of splits ({{'train': ..., 'val': ...}}), got {type(obj).__name__}")
     out: dict[str, dict[str, Any]] = {}
