@@ -20,10 +20,13 @@ from dtop.data.images import (
     load_image,
     normalize,
     resize_image,
+    round_to_multiple,
     target_size,
     to_tensor,
     to_uint8_tensor,
 )
+from dtop.data.sampler import bucket_size
+from dtop.engine.mining import common_size
 from dtop.errors import DataError, DtopError
 
 
@@ -240,6 +243,19 @@ def test_resize_examples():
     assert target_size(10, 2000, 512) == (16, 512)  # at least 16
     img = resize_image(Image.new("RGB", (1024, 768)), 1024 / math.sqrt(2))
     assert img.size == (720, 544)
+
+
+@pytest.mark.parametrize(
+    ("side", "rounded", "bankers"),
+    [(40, 48, 32), (72, 80, 64), (104, 112, 96), (24, 32, 32), (56, 64, 64)],
+)
+def test_every_side_is_rounded_half_up_by_the_one_rounding(side, rounded, bankers):
+    """Model inputs, training buckets and tuple batches agree on halves (Python's round would not)."""
+    assert max(16, round(side / 16) * 16) == bankers  # what banker's rounding would give
+    assert round_to_multiple(side) == rounded
+    assert target_size(128, side, 128) == (128, rounded)  # extraction / evaluation inputs
+    assert bucket_size(128 / side, 128) == (rounded, 128)  # group-size training buckets
+    assert common_size([(side, 128)], 128) == (rounded, 128)  # contrastive tuple batches
 
 
 def test_resize_rejects_bad_sizes():

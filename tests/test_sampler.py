@@ -7,12 +7,12 @@ import itertools
 import numpy as np
 import pytest
 
+from dtop.data.images import round_to_multiple
 from dtop.data.sampler import (
     DEFAULT_BUCKET_EDGES,
     FixedSizeBatchSampler,
     GroupSizeBatchSampler,
     bucket_size,
-    round_to_multiple,
 )
 from dtop.errors import CheckpointError, DataError
 

@@ -58,6 +58,9 @@ ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 RESAMPLE = Image.Resampling.BICUBIC
 """Resampling filter of :func:`resize_image` (PIL bicubic, antialiased when downsampling)."""
 
+MULTIPLE = 16
+"""Both sides of a model input are multiples of this (the ViT patch size), so the model never pads."""
+
 DRAFT_MARGIN: float = 2.0
 """With ``draft_long_side``, a JPEG is decoded at a reduced DCT scale only while its longer side
 stays at least this factor above the final size, so the final antialiased resize still dominates."""
@@ -210,11 +213,20 @@ def crop_bbx(img: Image.Image, bbx: Sequence[float], path: str | os.PathLike = "
     return img.crop(box)
 
 
-def target_size(width: int, height: int, long_side: float, multiple: int = 16) -> tuple[int, int]:
+def round_to_multiple(x: float, multiple: int = MULTIPLE) -> int:
+    """``x`` rounded to the nearest multiple of ``multiple``, halves up, and at least ``multiple``.
+
+    Halves go up (40 → 48, 72 → 80), not to even as Python's ``round`` would (40 → 32). Every side
+    length dtop computes (model inputs, training buckets, tuple batches) is rounded here.
+    """
+    return max(multiple, multiple * math.floor(x / multiple + 0.5))
+
+
+def target_size(width: int, height: int, long_side: float, multiple: int = MULTIPLE) -> tuple[int, int]:
     """Model-input size ``(W, H)`` for an image of ``width`` × ``height`` (see :func:`resize_image`).
 
     Scale so that the longer side is ``floor(long_side + 0.5)``; each side is rounded half up to an
-    integer, then to the nearest multiple of ``multiple`` (halves up), and is at least ``multiple``.
+    integer, then by :func:`round_to_multiple` (halves up, at least ``multiple``).
     """
     if width <= 0 or height <= 0:
         raise DataError(f"cannot resize an empty image ({width}x{height})")
@@ -228,12 +240,12 @@ def target_size(width: int, height: int, long_side: float, multiple: int = 16) -
 
     def side(n: int) -> int:
         s = target_long if n == longer else max(1, math.floor(n * scale + 0.5))
-        return max(multiple, multiple * math.floor(s / multiple + 0.5))
+        return round_to_multiple(s, multiple)
 
     return side(width), side(height)
 
 
-def resize_image(img: Image.Image, long_side: float, multiple: int = 16) -> Image.Image:
+def resize_image(img: Image.Image, long_side: float, multiple: int = MULTIPLE) -> Image.Image:
     """Resize so the longer side is ``long_side`` and both sides are multiples of ``multiple``.
 
     ``long_side`` may be a float (``1024 / √2`` → 724 → 720 after rounding to 16). The size is
@@ -300,7 +312,8 @@ def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> 
 class ResizeToTensor:
     """Transform: :func:`resize_image` to ``long_side`` then :func:`to_tensor` (picklable for workers)."""
 
-    def __init__(self, long_side: float, mean: Sequence[float], std: Sequence[float], multiple: int = 16) -> None:
+    def __init__(self, long_side: float, mean: Sequence[float], std: Sequence[float], multiple: int = MULTIPLE
+                 ) -> None:
         self.long_side = float(long_side)
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)

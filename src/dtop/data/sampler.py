@@ -42,12 +42,12 @@ epoch from its first batch (call it before :meth:`load_state_dict`, or with the 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from dtop.data.images import MULTIPLE, round_to_multiple
 from dtop.errors import CheckpointError, DataError
 
 _LANDSCAPE_EDGES = (1.12, 1.29, 1.41, 1.63, 1.89, 2.45)
@@ -57,15 +57,6 @@ DEFAULT_BUCKET_EDGES: tuple[float, ...] = (
 )
 """Aspect-ratio (w/h) bucket edges: geometric midpoints between 1:1, 5:4, 4:3, 3:2, 16:9, 2:1, 3:1
 (landscape) and their reciprocals (portrait): 13 buckets."""
-
-MULTIPLE = 16
-"""Both sides of a batch size are multiples of this (the ViT patch size)."""
-
-
-def round_to_multiple(x: float, multiple: int = MULTIPLE) -> int:
-    """``x`` rounded to the nearest multiple of ``multiple`` (halves up), at least ``multiple``."""
-    return max(multiple, multiple * math.floor(x / multiple + 0.5))
-
 
 def bucket_size(aspect: float, train_size: int, max_aspect: float = 4.0) -> tuple[int, int]:
     """``(H, W)`` of a bucket of aspect ratio ``aspect`` = w/h: longer side ``train_size``, shorter rounded to 16."""

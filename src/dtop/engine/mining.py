@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dtop.data.images import round_to_multiple
 from dtop.errors import ConfigError, DataError
 from dtop.retrieval.search import search
 
@@ -137,7 +138,8 @@ def common_size(image_sizes: Sequence[tuple[int, int]], max_size: int = 512, mul
     """One ``(height, width)`` for a batch of images of sizes ``(height, width)``.
 
     The longer side is ``max_size``; the aspect ratio is the median (in log scale) of the images';
-    both sides are rounded to multiples of ``multiple`` (at least ``multiple``).
+    both sides are rounded to multiples of ``multiple`` by :func:`~dtop.data.images.round_to_multiple`
+    (halves up, at least ``multiple``).
     """
     if not image_sizes:
         raise DataError("common_size needs at least one image size")
@@ -145,7 +147,7 @@ def common_size(image_sizes: Sequence[tuple[int, int]], max_size: int = 512, mul
         raise ConfigError(f"max_size must be a positive multiple of {multiple}, got {max_size}")
     log_ar = float(np.median([math.log(max(1, w) / max(1, h)) for h, w in image_sizes]))  # log(width / height)
     ratio = math.exp(-abs(log_ar))  # shorter / longer
-    short = max(int(multiple), int(round(max_size * ratio / multiple)) * int(multiple))
+    short = round_to_multiple(max_size * ratio, int(multiple))
     return (int(max_size), short) if log_ar < 0 else (short, int(max_size))
 
 
