@@ -18,7 +18,7 @@ from dtop.data.revisited import (
     RevisitedDataset,
     image_file_name,
     load_r1m_list,
-    read_image_list,
+    read_image_names,
 )
 from dtop.errors import DataError
 
@@ -189,4 +189,4 @@ def test_r1m_list(tmp_path):
         load_r1m_list(tmp_path / "empty")
     (folder / "revisitop1m.txt").write_text("../etc/passwd\n")
     with pytest.raises(DataError, match="not a relative image path"):
-        read_image_list(folder / "revisitop1m.txt")
+        read_image_names(folder / "revisitop1m.txt")

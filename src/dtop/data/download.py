@@ -65,7 +65,7 @@ from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
-from dtop.data.revisited import R1M_SIZE, image_file_name, read_image_list, safe_relative
+from dtop.data.revisited import R1M_SIZE, image_file_name, read_image_names, safe_relative
 from dtop.errors import DataError
 from dtop.utils.io import write_json
 
@@ -291,7 +291,7 @@ def _expected_images(kind: str, path: Path) -> list[str]:
         gnd = load_gnd(path)
         return [image_file_name(n) for n in [*gnd.imlist, *gnd.qimlist]]
     if kind == "list":
-        return read_image_list(path)
+        return read_image_names(path)
     if kind == "sfm-db":
         from dtop.data.training import read_sfm_db, sfm_relative_path
 

@@ -7,7 +7,11 @@ from pathlib import Path
 
 from dtop.errors import DataError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+IMAGE_SUFFIXES: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"
+)
+"""File suffixes (lower case) that mark an image: folder scans look for them, and an image name that
+ends in one keeps it (a name without one gets ``.jpg``, see :func:`dtop.data.revisited.image_file_name`)."""
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:

@@ -21,6 +21,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from dtop.data.folders import IMAGE_SUFFIXES
 from dtop.data.gnd import GroundTruth, load_gnd
 from dtop.errors import DataError
 
@@ -34,17 +35,12 @@ R1M_NAME = "revisitop1m"
 R1M_SIZE = 1_001_001
 """Number of images in ``revisitop1m.txt``."""
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
-)
-"""Extensions that mark an image name as already carrying its file extension."""
-
 _SHOW = 5
 
 
 def image_file_name(name: str) -> str:
     """File name of an image listed as ``name``: ``name`` if it ends in an image extension, else ``name.jpg``."""
-    return name if PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS else name + ".jpg"
+    return name if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES else name + ".jpg"
 
 
 def safe_relative(name: str) -> str | None:
@@ -58,8 +54,8 @@ def safe_relative(name: str) -> str | None:
     return "/".join(parts)
 
 
-def read_image_list(path: str | os.PathLike) -> list[str]:
-    """Read an image list (one relative path per line, like ``revisitop1m.txt``) into file names.
+def read_image_names(path: str | os.PathLike) -> list[str]:
+    """Read a list of image names (one relative path per line, like ``revisitop1m.txt``) as file names.
 
     Blank lines are ignored; each name goes through :func:`image_file_name`; an absolute name or one
     with ``..`` is refused with a :class:`~dtop.errors.DataError`.
@@ -244,7 +240,7 @@ def load_r1m_list(root: str | os.PathLike, *, check_count: bool = True, check_fi
     list_path = folder / f"{R1M_NAME}.txt"
     if not list_path.is_file():
         raise DataError(f"R1M image list {list_path} not found. Run `dtop download revisitop1m --root {root}`.")
-    names = read_image_list(list_path)
+    names = read_image_names(list_path)
     if check_count and len(names) != R1M_SIZE:
         raise DataError(
             f"{list_path}: {len(names)} images listed, the official list has {R1M_SIZE:,}; the file is "
