@@ -36,15 +36,13 @@ Timestamps and writer details live in the markers and the manifest, never in the
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
 import hashlib
 import json
 import os
 import re
 import socket
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -53,6 +51,7 @@ import torch
 
 from dtop.errors import ConfigError, DataError
 from dtop.utils.io import atomic_path, read_versioned_json, write_json
+from dtop.utils.locks import file_lock, utc_now
 
 FORMAT = "dtop-descriptors"
 FORMAT_VERSION = 1
@@ -81,10 +80,6 @@ class Failure:
     def to_dict(self) -> dict[str, Any]:
         """JSON form: ``{"index", "path", "reason"}``."""
         return dataclasses.asdict(self)
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def _canonical(obj: Any, what: str) -> Any:
@@ -193,7 +188,7 @@ class DescriptorStore:
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "created": _now(),
+            "created": utc_now(),
             "model": model_c,
             "settings": settings_c,
             "dtype": dtype,
@@ -499,7 +494,7 @@ class DescriptorStore:
             "sha256": digest,
             "bytes": size,
             "failures": [f.to_dict() for f in fails],
-            "finished_at": _now(),
+            "finished_at": utc_now(),
             "writer": {"host": socket.gethostname(), "pid": os.getpid(), "rank": os.environ.get("RANK")},
         }
         write_json(self._marker_path(i), marker)
@@ -518,24 +513,6 @@ class DescriptorStore:
                 out.update(self._pending_failures(i))
         return [out[k] for k in sorted(out)]
 
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX: markers stay authoritative
-            yield
-            return
-        with open(self.root / LOCK, "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX)
-            except OSError:  # file systems without flock: the manifest may lag, never corrupt
-                yield
-                return
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
     def manifest(self) -> dict[str, Any]:
         """The manifest as derived from disk now (what :meth:`refresh_manifest` writes)."""
         markers = self._read_markers()
@@ -543,7 +520,7 @@ class DescriptorStore:
         fails = self.failures()
         return {
             **self._static,
-            "updated": _now(),
+            "updated": utc_now(),
             "descriptor_dim": self.descriptor_dim,
             "num_finished": len(finished),
             "finished_shards": finished,
@@ -556,7 +533,7 @@ class DescriptorStore:
 
     def refresh_manifest(self) -> None:
         """Rewrite ``manifest.json`` from the markers on disk (atomically, under the lock)."""
-        with self._lock():
+        with file_lock(self.root / LOCK):  # without flock the manifest may lag, never corrupt
             write_json(self.root / MANIFEST, self.manifest())
 
     def finalize(self) -> None:
@@ -609,10 +586,13 @@ class DescriptorStore:
         if dim is None:
             raise DataError(f"{self.root} holds no descriptors yet (every finished image failed or none finished)")
         if mmap:
-            desc, valid = self._consolidated(dim)
+            desc_path, valid_path = self._consolidated(dim)
             if numpy:
-                return np.load(desc, mmap_mode="r"), np.load(valid, mmap_mode="r")
-            return torch.from_numpy(np.load(desc, mmap_mode="c")), torch.from_numpy(np.load(valid, mmap_mode="c"))
+                return np.load(desc_path, mmap_mode="r"), np.load(valid_path, mmap_mode="r")
+            return (
+                torch.from_numpy(np.load(desc_path, mmap_mode="c")),
+                torch.from_numpy(np.load(valid_path, mmap_mode="c")),
+            )
         out = np.zeros((self.num_images, dim), dtype=_np_dtype(self.dtype))
         valid = np.zeros(self.num_images, dtype=bool)
         self._fill(out, valid, dim)
