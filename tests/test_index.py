@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +18,7 @@ from dtop.cli.main import main
 from dtop.engine.extract import ExtractSettings, model_fingerprint
 from dtop.errors import ConfigError, DataError
 from dtop.report.contact_sheet import CAPTION_HEIGHT, PAD, SEPARATOR, contact_sheet, sheet_size
+from dtop.utils.locks import file_lock
 
 BUILD_OPTS = ["--image-size", "64", "--workers", "0", "--no-progress"]
 RUN_OPTS = ["--workers", "0", "--no-progress"]
@@ -347,3 +349,20 @@ def test_faiss_ivf_with_too_few_images_fails_before_extracting(tmp_path, tiny_mo
     with pytest.raises(ConfigError, match="needs at least 16 images"):
         index.add(photos.lib_paths, num_workers=0, progress=False)
     assert not (tmp_path / "ivf" / "segments").exists()
+
+
+def test_engine_checks_and_missing_faiss(tmp_path, tiny_model, monkeypatch):
+    with pytest.raises(ConfigError, match="unknown search engine 'annoy'"):
+        ImageIndex.create(tmp_path / "a", tiny_model, engine="annoy")
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
+    with pytest.raises(ConfigError, match=r"pip install faiss-cpu.*engine='torch'"):
+        ImageIndex.create(tmp_path / "b", tiny_model, engine="faiss")
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_second_writer_fails_fast(index_copy, photos):
+    before = (index_copy / "index.json").read_bytes()
+    with file_lock(index_copy / ".lock"):  # another writer (flock: one holder per open file)
+        with pytest.raises(DataError, match="another dtop process is building or adding to the index"):
+            ImageIndex.open(index_copy).add(photos.more_paths, num_workers=0, progress=False)
+    assert (index_copy / "index.json").read_bytes() == before

@@ -1,4 +1,4 @@
-"""Exact chunked search, the tie rule, the faiss engine and the engine interface."""
+"""Exact chunked search, the tie rule, and the faiss index against exact search."""
 
 from __future__ import annotations
 
@@ -11,15 +11,8 @@ import torch
 
 from dtop.errors import ConfigError, DataError
 from dtop.retrieval import search as search_mod
-from dtop.retrieval.search import (
-    FaissIndex,
-    TorchIndex,
-    build_index,
-    iter_scores,
-    load_index,
-    search,
-    to_ranks,
-)
+from dtop.retrieval.faiss_index import FaissIndex
+from dtop.retrieval.search import iter_scores, search, to_ranks
 
 
 def grid_descriptors(n: int, dim: int, seed: int) -> np.ndarray:
@@ -136,59 +129,48 @@ def test_search_errors(data: tuple) -> None:
             search(q, x, 5, device="cuda")
 
 
-# ----------------------------------------------------------------------------------- engines
-
-
-def test_torch_index_round_trip(tmp_path: Path, data: tuple) -> None:
-    q, x = data
-    index = build_index(x[:2000], engine="torch")
-    index.add(torch.from_numpy(x[2000:]))
-    assert index.ntotal == 3000 and index.dim == 64 and index.engine == "torch"
-    ref = reference(q, x, 20)[1]
-    np.testing.assert_array_equal(index.search(q, 20)[1], ref)
-    index.save(tmp_path / "db.npy")
-    loaded = load_index(tmp_path / "db.npy")
-    assert isinstance(loaded, TorchIndex) and loaded.ntotal == 3000
-    np.testing.assert_array_equal(loaded.search(q, 20)[1], ref)
-    with pytest.raises(ConfigError, match="exact and takes no index factory"):
-        build_index(x, engine="torch", factory="IVF16,Flat")
-    with pytest.raises(ConfigError, match="unknown search engine 'annoy'"):
-        build_index(x, engine="annoy")
-    with pytest.raises(DataError, match="index file not found"):
-        load_index(tmp_path / "missing.npy")
+# ------------------------------------------------------------------------------------- faiss
 
 
 def test_faiss_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch, data: tuple) -> None:
     monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
     with pytest.raises(ConfigError, match=r"pip install faiss-cpu.*engine='torch'"):
-        build_index(data[1], engine="faiss")
-    # the torch engine does not need faiss
-    assert build_index(data[1], engine="torch").ntotal == 3000
+        FaissIndex(64)
+    # exact search does not need faiss
+    assert search(data[0], data[1], 5)[1].shape == (37, 5)
 
 
-def test_faiss_flat_equals_torch(tmp_path: Path) -> None:
+def faiss_index(x: np.ndarray, factory: str = "Flat", search_params: str | None = None) -> FaissIndex:
+    index = FaissIndex(x.shape[1], factory=factory, search_params=search_params)
+    index.add(x)
+    return index
+
+
+def test_faiss_flat_equals_exact_search(tmp_path: Path) -> None:
     pytest.importorskip("faiss")
     rng = np.random.default_rng(5)
     q = rng.standard_normal((30, 48)).astype(np.float32)
     x = rng.standard_normal((4000, 48)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    t_scores, t_idx = build_index(x, engine="torch").search(q, 50)
-    index = build_index(x, engine="faiss", factory="Flat")
-    assert isinstance(index, FaissIndex) and index.ntotal == 4000 and index.dim == 48
+    t_scores, t_idx = search(q, x, 50)
+    index = FaissIndex(48, factory="Flat")
+    index.add(x[:2500])
+    index.add(torch.from_numpy(x[2500:]))
+    assert index.ntotal == 4000 and index.dim == 48
     f_scores, f_idx = index.search(q, 50)
     assert f_scores.dtype == np.float32 and f_idx.dtype == np.int64
     np.testing.assert_array_equal(f_idx, t_idx)
     np.testing.assert_allclose(f_scores, t_scores, atol=1e-6)
     index.save(tmp_path / "flat.faiss")
-    loaded = load_index(tmp_path / "flat.faiss")
+    loaded = FaissIndex.load(tmp_path / "flat.faiss")
     np.testing.assert_array_equal(loaded.search(q, 50)[1], t_idx)
 
 
 def test_faiss_exact_scores_and_tie_order(data: tuple) -> None:
     pytest.importorskip("faiss")
     q, x = data
-    f_scores, f_idx = build_index(x, engine="faiss").search(q, 40)
+    f_scores, f_idx = faiss_index(x).search(q, 40)
     ref_s, ref_i = reference(q, x, 40)
     np.testing.assert_array_equal(f_scores, ref_s.astype(np.float32))  # grid data: exact scores
     # within each returned list, equal scores are ordered by increasing index (the tie rule)
@@ -200,16 +182,22 @@ def test_faiss_exact_scores_and_tie_order(data: tuple) -> None:
 def test_faiss_approximate_and_errors(tmp_path: Path) -> None:
     pytest.importorskip("faiss")
     x = grid_descriptors(2000, 32, 7)
-    index = build_index(x, engine="faiss", factory="IVF16,Flat", search_params="nprobe=16")
+    index = faiss_index(x, factory="IVF16,Flat", search_params="nprobe=16")
     s, i = index.search(x[:5], 3)
     assert i.shape == (5, 3)
     assert i[:, 0].tolist() == [0, 1, 2, 3, 4]  # nprobe = nlist: exhaustive, each finds itself
     index.save(tmp_path / "ivf.faiss")
-    assert load_index(tmp_path / "ivf.faiss").ntotal == 2000
+    assert FaissIndex.load(tmp_path / "ivf.faiss").ntotal == 2000
     with pytest.raises(ConfigError, match="faiss cannot build index 'NoSuchIndex'"):
-        build_index(x, engine="faiss", factory="NoSuchIndex")
+        FaissIndex(32, factory="NoSuchIndex")
+    with pytest.raises(ConfigError, match="faiss rejects search parameters 'nosuch=3'"):
+        FaissIndex(32, search_params="nosuch=3")
     with pytest.raises(DataError, match="dimension 16, the index has 32"):
         index.add(x[:, :16])
+    with pytest.raises(DataError, match="the index is empty"):
+        FaissIndex(32).search(x[:2], 3)
+    with pytest.raises(DataError, match="index file not found"):
+        FaissIndex.load(tmp_path / "missing.faiss")
     (tmp_path / "junk.faiss").write_bytes(b"not an index")
     with pytest.raises(DataError, match="not a readable faiss index"):
-        load_index(tmp_path / "junk.faiss")
+        FaissIndex.load(tmp_path / "junk.faiss")

@@ -6,9 +6,14 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_args
 
+from dtop.apps.index_format import ENGINES
 from dtop.cli.common import add_extraction_args, add_model_args, load_cli_model, settings_from_args
-from dtop.config import AMP_CHOICES
+from dtop.engine.settings import Amp
+
+if TYPE_CHECKING:
+    from dtop.apps.index import AddReport, ImageIndex
 
 MAX_LISTED_FAILURES = 10
 
@@ -21,7 +26,7 @@ def add_runtime_args(p: argparse.ArgumentParser, workers: int | None = None, sha
     g.add_argument("--workers", type=int, default=default_workers,
                    help=f"decoding workers (default {default_workers})")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="autocast (auto: bf16 on CUDA, off on CPU)")
+    g.add_argument("--amp", choices=get_args(Amp), default="auto", help="autocast (auto: bf16 on CUDA, off on CPU)")
     if shard_size:
         g.add_argument("--shard-size", type=int, default=1000,
                        help="images per shard of the new segment (resume granularity)")
@@ -36,12 +41,12 @@ def display_path(path: str | os.PathLike) -> str:
         return str(path)
 
 
-def _add_kwargs(args: argparse.Namespace) -> dict:
+def _add_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(batch_size=args.batch_size, num_workers=args.workers, device=args.device, amp=args.amp,
                 shard_size=args.shard_size, progress=not args.no_progress)
 
 
-def _describe_search(index) -> str:
+def _describe_search(index: ImageIndex) -> str:
     search = index.meta["search"]
     if search["engine"] == "faiss":
         params = f", {search['search_params']}" if search.get("search_params") else ""
@@ -49,7 +54,7 @@ def _describe_search(index) -> str:
     return "exact (torch)"
 
 
-def print_add_report(index, report) -> None:
+def print_add_report(index: ImageIndex, report: AddReport) -> None:
     """Print what an add did and what the index holds now."""
     name = display_path(index.root)
     if report.segment is None:
@@ -129,7 +134,7 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def register(subparsers: Any) -> None:
     """Add ``dtop index`` with its sub-commands ``build``, ``add`` and ``info``."""
     p = subparsers.add_parser(
         "index", help="build and update a searchable index of your own images",
@@ -151,7 +156,7 @@ def register(subparsers) -> None:
                    "with one path per line")
     b.add_argument("--out", required=True, help="the index folder (new or empty)")
     g = b.add_argument_group("search engine")
-    g.add_argument("--engine", choices=["torch", "faiss"], default="torch",
+    g.add_argument("--engine", choices=ENGINES, default="torch",
                    help="torch: exact search (default); faiss: a faiss index built from --factory, rebuilt on add")
     g.add_argument("--factory", default=None,
                    help="faiss index-factory string, e.g. 'IVF1024,Flat' or 'HNSW32' (default Flat, exact)")

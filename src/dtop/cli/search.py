@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from dtop.cli.index import add_runtime_args, display_path
 from dtop.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dtop.apps.index import SearchResult
 
 
 def _query_paths(items: list[str]) -> list[str]:
@@ -25,7 +30,7 @@ def _query_paths(items: list[str]) -> list[str]:
     return out
 
 
-def format_results(results) -> str:
+def format_results(results: Sequence[SearchResult]) -> str:
     """The ranked lists as text: one block per query, one line per result (rank, score, path)."""
     lines = []
     for r in results:
@@ -69,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def register(subparsers: Any) -> None:
     """Add ``dtop search``."""
     p = subparsers.add_parser(
         "search", help="find the images of an index most similar to query images",

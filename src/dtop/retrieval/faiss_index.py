@@ -1,0 +1,157 @@
+"""A faiss index for inner-product search (optional dependency ``faiss-cpu`` / ``faiss-gpu``).
+
+:class:`FaissIndex` wraps an index built from a faiss index-factory string (``"Flat"`` is exact,
+``"IVF4096,PQ64"``, ``"HNSW32"`` approximate) and returns results like
+:func:`dtop.retrieval.search.search`: ``(scores, indices)``, best first, equal scores by
+increasing index.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dtop.errors import ConfigError, DataError
+from dtop.retrieval.search import MAX_CHUNK, check_matrix
+from dtop.utils.io import atomic_path
+
+FAISS_INSTALL_HINT = (
+    "faiss is not installed; install it with `pip install faiss-cpu` (or `pip install 'dtop[faiss]'`; "
+    "`faiss-gpu` for GPUs), or use engine='torch' (exact search, no extra dependency)"
+)
+
+
+def _import_faiss() -> Any:
+    try:
+        import faiss  # optional dependency, imported on demand
+    except ImportError as err:
+        raise ConfigError(FAISS_INSTALL_HINT) from err
+    return faiss
+
+
+class FaissIndex:
+    """A faiss index for inner-product search, built from an index-factory string.
+
+    ``"Flat"`` is exact; anything else (``"IVF1024,Flat"``, ``"IVF4096,PQ64"``, ``"HNSW32"``) is
+    approximate and may need training (done on the first :meth:`add`, or call :meth:`train`).
+    ``search_params`` are faiss ParameterSpace settings, e.g. ``"nprobe=32"``. ``device="cuda"``
+    moves the index to all GPUs (needs ``faiss-gpu``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        factory: str = "Flat",
+        search_params: str | None = None,
+        device: str | torch.device | None = None,
+        index: Any = None,
+    ) -> None:
+        faiss = _import_faiss()
+        self.faiss = faiss
+        self.factory = factory
+        self.search_params = search_params
+        if index is None:
+            try:
+                index = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+            except RuntimeError as err:
+                raise ConfigError(
+                    f"faiss cannot build index '{factory}' for dimension {dim}: {str(err).strip()}; see "
+                    "https://github.com/facebookresearch/faiss/wiki/The-index-factory ('Flat' is exact)"
+                ) from err
+        self.gpu = device is not None and torch.device(device).type == "cuda"
+        if self.gpu:
+            if not hasattr(faiss, "index_cpu_to_all_gpus") or faiss.get_num_gpus() == 0:
+                raise ConfigError("device='cuda' needs faiss-gpu and a visible GPU; use device='cpu'")
+            index = faiss.index_cpu_to_all_gpus(index)
+        self.index = index
+        if search_params:
+            self._apply_params(search_params)
+
+    def _apply_params(self, params: str) -> None:
+        space = self.faiss.GpuParameterSpace() if self.gpu else self.faiss.ParameterSpace()
+        try:
+            space.set_index_parameters(self.index, params)
+        except RuntimeError as err:
+            raise ConfigError(f"faiss rejects search parameters '{params}': {str(err).strip()}") from err
+
+    @property
+    def dim(self) -> int:
+        """Descriptor dimension."""
+        return int(self.index.d)
+
+    @property
+    def ntotal(self) -> int:
+        """Number of descriptors in the index."""
+        return int(self.index.ntotal)
+
+    def _blocks(self, x: Any) -> Iterator[np.ndarray]:
+        x = check_matrix(x, "descriptors")
+        if int(x.shape[1]) != self.dim:
+            raise DataError(f"descriptors have dimension {x.shape[1]}, the index has {self.dim}")
+        for start in range(0, int(x.shape[0]), MAX_CHUNK):
+            block = x[start : start + MAX_CHUNK]
+            if isinstance(block, torch.Tensor):
+                block = block.detach().cpu().float().numpy()
+            yield np.ascontiguousarray(block, dtype=np.float32)
+
+    def train(self, descriptors: Any) -> None:
+        """Train the index (IVF centroids, PQ codebooks) on ``descriptors``; no-op when not needed."""
+        if self.index.is_trained:
+            return
+        blocks = list(self._blocks(descriptors))
+        self.index.train(blocks[0] if len(blocks) == 1 else np.concatenate(blocks))
+
+    def add(self, descriptors: Any) -> None:
+        """Append descriptors; trains on them first if the index is untrained."""
+        if not self.index.is_trained:
+            self.train(descriptors)
+        for block in self._blocks(descriptors):
+            self.index.add(block)
+
+    def search(self, queries: Any, topk: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``topk`` search; equal scores are reordered by increasing index within each list.
+
+        With an approximate index fewer than k results can come back; missing ones have index -1.
+        """
+        if self.ntotal == 0:
+            raise DataError("the index is empty: add descriptors before searching")
+        if int(topk) < 1:
+            raise ConfigError(f"topk must be at least 1, got {topk}")
+        k = min(int(topk), self.ntotal)
+        q = np.concatenate(list(self._blocks(queries)))
+        scores, idx = self.index.search(q, k)
+        # the tie rule: among equal scores, smaller index first (-1 = missing stays last)
+        key_idx = np.where(idx < 0, np.iinfo(np.int64).max, idx)
+        order = np.lexsort((key_idx, -scores.astype(np.float64)), axis=1)
+        return (
+            np.take_along_axis(scores, order, 1).astype(np.float32, copy=False),
+            np.take_along_axis(idx, order, 1).astype(np.int64, copy=False),
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index with ``faiss.write_index`` (atomically)."""
+        index = self.faiss.index_gpu_to_cpu(self.index) if self.gpu else self.index
+        with atomic_path(path) as tmp:
+            self.faiss.write_index(index, str(tmp))
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, search_params: str | None = None, device: str | torch.device | None = None
+    ) -> FaissIndex:
+        """Read an index written by :meth:`save` (or any faiss inner-product index)."""
+        faiss = _import_faiss()
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"index file not found: {path}")
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as err:
+            raise DataError(f"{path}: not a readable faiss index ({str(err).strip()})") from err
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise DataError(f"{path}: the faiss index does not use inner-product similarity; rebuild it")
+        return cls(index.d, factory="<loaded>", search_params=search_params, device=device, index=index)
