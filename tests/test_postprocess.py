@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -215,6 +217,16 @@ def test_whitening_load_errors(tmp_path) -> None:
         load_whitening(tmp_path / "junk.safetensors")
     with pytest.raises(CheckpointError, match="needs 'mean' and 'projection'"):
         Whitening.from_state({"mean": torch.zeros(3)}, {})
+    # the metadata header is read by the one versioned-header reader
+    tensors, meta = fit_pca_whitening(correlated(50, 4)).to_state()
+    for name, header, message in [
+        ("outdated", json.dumps({**meta, "format_version": 2}), "whitening format version 2; this dtop reads 1"),
+        ("foreign", json.dumps({**meta, "format": "other"}), "is not a dtop whitening"),
+        ("corrupt", "{not json", "is not readable JSON"),
+    ]:
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata={"dtop_whitening": header})
+        with pytest.raises(CheckpointError, match=message):
+            load_whitening(tmp_path / f"{name}.safetensors")
 
 
 # --------------------------------------------------------------------------------- pipeline

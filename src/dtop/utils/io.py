@@ -105,16 +105,18 @@ def read_versioned_json(
     damaged: str,
     foreign: str = "",
     outdated: str,
+    text: str | None = None,
 ) -> dict[str, Any]:
     """Read the JSON header of an on-disk format: a dict with ``format`` = ``fmt``,
     ``format_version`` = ``version`` and every key of ``required``, else a :class:`DataError`.
 
     ``kind`` names the format (``"descriptor store"``); ``damaged`` says how to repair unreadable
     JSON or missing keys, ``foreign`` (may be empty) what to do with a file of another format, and
-    ``outdated`` what to do with another format version.
+    ``outdated`` what to do with another format version. ``text``: the header when it is not the
+    whole file (e.g. a safetensors metadata entry); ``path`` then names the file in messages.
     """
     try:
-        header = json.loads(path.read_text())
+        header = json.loads(path.read_text() if text is None else text)
     except (OSError, json.JSONDecodeError) as err:
         raise DataError(f"{path} is not readable JSON ({err}); {damaged}") from err
     if not isinstance(header, dict) or header.get("format") != fmt:
