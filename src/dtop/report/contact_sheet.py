@@ -1,16 +1,6 @@
-"""Contact sheets of search results: one PNG grid, one row per query.
+"""Contact sheets of search results: one PNG grid, one row per query (``dtop search --sheet``).
 
-Each row shows the query (framed in blue) and then its results in rank order, every tile captioned
-(``query`` / ``#rank  score`` on the first line, the file name on the second, shortened from the
-left to fit). Thumbnails keep their aspect ratio, scaled to fit and centred on a light-grey
-``thumb`` × ``thumb`` square; an image that cannot be read (deleted since it was indexed, say) becomes a grey tile
-captioned ``unreadable`` instead of failing the whole sheet. Images are loaded with
-:func:`dtop.data.images.load_image`, the one loader of dtop.
-
-Geometry (all in pixels, see :func:`sheet_size`): with ``c`` columns (1 + the longest result
-list) and ``r`` rows, the sheet is ``PAD + c·(thumb + PAD) + SEPARATOR`` wide (the separator
-sets the query column apart; none when no query has results) and ``PAD + r·(thumb +
-CAPTION_HEIGHT + PAD)`` high.
+Layout and geometry: docs/report.md.
 """
 
 from __future__ import annotations
@@ -19,10 +9,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
-from dtop.data.images import load_image
-from dtop.errors import ConfigError, DataError
+from dtop.errors import ConfigError
+from dtop.report.thumbnails import ThumbnailCache
 from dtop.utils.io import atomic_path
 
 PAD = 8
@@ -57,24 +47,6 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont | Image
     return "…"
 
 
-class _Thumbnails:
-    """Loads each image once per sheet; unreadable images give ``None``."""
-
-    def __init__(self, size: int, exif_transpose: bool) -> None:
-        self.size = size
-        self.exif_transpose = exif_transpose
-        self.cache: dict[str, Image.Image | None] = {}
-
-    def get(self, path: str) -> Image.Image | None:
-        if path not in self.cache:
-            try:
-                img = load_image(path, self.exif_transpose, draft_long_side=self.size)
-                self.cache[path] = ImageOps.contain(img, (self.size, self.size), Image.Resampling.BICUBIC)
-            except DataError:
-                self.cache[path] = None
-        return self.cache[path]
-
-
 def contact_sheet(
     query_paths: Sequence[str | os.PathLike],
     results: Sequence[tuple[Sequence[str | os.PathLike], Sequence[float]]],
@@ -89,6 +61,8 @@ def contact_sheet(
     different lengths). ``thumb`` is the side of each tile's image square. ``exif_transpose``
     shows images upright the way the index extracted them (use the index's setting). Returns the
     path written; its pixel size is :func:`sheet_size` ``(len(query_paths), 1 + max k, thumb)``.
+    Each image is scaled to fit its tile and centred; an unreadable one (deleted since it was
+    indexed, say) becomes a grey tile captioned ``unreadable`` instead of failing the whole sheet.
     """
     if len(query_paths) != len(results):
         raise ConfigError(f"got {len(query_paths)} queries but {len(results)} result lists; give one list per query")
@@ -97,17 +71,16 @@ def contact_sheet(
     if int(thumb) < MIN_THUMB:
         raise ConfigError(f"thumb must be at least {MIN_THUMB} pixels, got {thumb}")
     thumb = int(thumb)
-    rows = []
-    for i, (paths, scores) in enumerate(results):
-        paths, scores = [str(p) for p in paths], [float(s) for s in scores]
-        if len(paths) != len(scores):
-            raise ConfigError(f"results of query {i}: {len(paths)} paths but {len(scores)} scores")
-        rows.append((paths, scores))
+    rows: list[tuple[list[str], list[float]]] = []
+    for i, (given_paths, given_scores) in enumerate(results):
+        if len(given_paths) != len(given_scores):
+            raise ConfigError(f"results of query {i}: {len(given_paths)} paths but {len(given_scores)} scores")
+        rows.append(([str(p) for p in given_paths], [float(s) for s in given_scores]))
     n_cols = 1 + max(len(p) for p, _ in rows)
     sheet = Image.new("RGB", sheet_size(len(rows), n_cols, thumb), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
-    thumbs = _Thumbnails(thumb, exif_transpose)
+    thumbs = ThumbnailCache(thumb, exif_transpose=exif_transpose, upscale=True)
     separator = SEPARATOR if n_cols > 1 else 0
     for r, (query, (paths, scores)) in enumerate(zip(query_paths, rows)):
         y = PAD + r * (thumb + CAPTION_HEIGHT + PAD)
@@ -128,7 +101,7 @@ def _tile(
     sheet: Image.Image,
     draw: ImageDraw.ImageDraw,
     font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
-    thumbs: _Thumbnails,
+    thumbs: ThumbnailCache,
     path: str,
     label: str,
     x: int,
