@@ -6,6 +6,21 @@ import argparse
 import os
 
 from dtop.config import AMP_CHOICES
+from dtop.errors import ConfigError
+
+
+def parse_size(text: str, *, min_height: int = 16, min_width: int = 16, option: str = "--size") -> tuple[int, int]:
+    """Parse a ``--size`` value, ``HxW`` (height first) or a single number for a square, into (height, width)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or parts[0] < min_height or parts[1] < min_width:
+        raise ConfigError(f"{option} must be HxW (height x width) with at least {min_height}x{min_width} pixels, "
+                          f"e.g. 512x384; got {text!r}")
+    return parts[0], parts[1]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -5,20 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dtop.errors import ConfigError
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """Parse ``HxW`` (or a single number for a square) into (height, width)."""
-    try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) < 16:
-        raise ConfigError(f"--size must be HxW with sides >= 16 (e.g. 512x384), got {text!r}")
-    return parts[0], parts[1]
+from dtop.cli.common import parse_size
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +33,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("model", nargs="?", default="dtop_hybrid", help="registered name, config YAML or checkpoint")
     p.add_argument("overrides", nargs="*", help="model config overrides, key=value (e.g. dim=256)")
-    p.add_argument("--size", default="512x384", help="input size HxW for GFLOPs (default 512x384)")
+    p.add_argument("--size", default="512x384", metavar="HxW",
+                   help="input size for GFLOPs, HxW: height x width (default 512x384)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--list", action="store_true", help="list the registered model names and exit")
     p.set_defaults(func=_run_or_list)
