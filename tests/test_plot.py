@@ -8,10 +8,11 @@ import pytest
 from PIL import Image
 
 from dtop.cli.main import main
-from dtop.report.plots import read_metrics
+from dtop.report.curves import read_metrics, run_charts
+from dtop.report.plots import plot_runs
 
 TINY = str(Path(__file__).parents[1] / "configs" / "train" / "tiny.yaml")
-SIZE = (800, 450)
+SIZE = (800, 450)  # (width, height) of the PNG files with the default --size 450x800
 
 
 def write_run(run: Path, steps: int = 30, val_every: int | None = 10, scale: float = 3.0, end: bool = True) -> Path:
@@ -30,20 +31,15 @@ def write_run(run: Path, steps: int = 30, val_every: int | None = 10, scale: flo
     return run
 
 
-def colours(path: Path) -> dict[tuple[int, int, int], int]:
-    """{colour: pixel count} of a PNG, checking its format and size."""
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG file, checking its format."""
     with Image.open(path) as im:
         assert im.format == "PNG"
-        assert im.size == SIZE
-        return {c: n for n, c in im.convert("RGB").getcolors(im.size[0] * im.size[1])}
+        return im.size
 
 
 def written(out: str) -> list[Path]:
     return [Path(line.removeprefix("wrote ")) for line in out.splitlines() if line.startswith("wrote ")]
-
-
-# Line colours of dtop.report.plots.SERIES_COLOURS: the first series (run) and the second.
-BLUE, RED = (31, 119, 180), (214, 39, 40)
 
 
 def test_one_run_writes_loss_lr_and_val_map(tmp_path, capsys):
@@ -52,37 +48,47 @@ def test_one_run_writes_loss_lr_and_val_map(tmp_path, capsys):
     out = capsys.readouterr().out
     expected = [run / "plots" / name for name in ("loss.png", "lr.png", "val_map.png")]
     assert written(out) == expected
-    for path in expected:
-        c = colours(path)
-        assert len(c) > 10  # drawn: axes, text, curves
-        assert c.get(BLUE, 0) > 600  # the curve of the run, not a "no data" image
-    # val_map.png: val_map_easy, _medium, _hard and val_map, four colours; loss.png: one series.
-    assert {(214, 39, 40), (44, 160, 44), (255, 127, 14)} <= set(colours(run / "plots" / "val_map.png"))
-    assert RED not in colours(run / "plots" / "loss.png")
+    assert all(png_size(path) == SIZE for path in expected)
     assert not list((run / "plots").glob(".*"))  # no temporary files left by the atomic writes
+    # The data behind the figures: one run, every series of it, against the step.
+    charts = run_charts([run])
+    assert [c.key for c in charts.charts] == ["loss", "lr", "validation"]
+    loss = charts.get("loss")
+    assert loss.title == "run-a: training loss" and loss.labels == ["loss"] and not loss.legend
+    assert loss.get("loss").x == list(range(1, 31))
+    assert loss.get("loss").y == pytest.approx([3.0 * math.exp(-s / 10) + 0.1 for s in range(1, 31)])
+    assert charts.get("lr").get("lr").y[4:] == [1e-3] * 26
+    # val_map.png: val_map_easy, _medium, _hard and val_map, with a legend.
+    validation = charts.get("validation")
+    assert validation.labels == ["val_map_easy", "val_map_medium", "val_map_hard", "val_map"] and validation.legend
+    assert validation.get("val_map").x == [10, 20, 30]
+    assert validation.get("val_map").y == pytest.approx([0.3, 0.4, 0.5])
 
 
 def test_no_validation_no_val_map_and_out_option(tmp_path, capsys):
     run = write_run(tmp_path / "run", val_every=None, end=False)
-    assert main(["plot", str(run), "--out", str(tmp_path / "figs"), "--size", "640x360"]) == 0
+    assert main(["plot", str(run), "--out", str(tmp_path / "figs"), "--size", "360x640"]) == 0
     captured = capsys.readouterr()
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["loss.png", "lr.png"]
     assert not (run / "plots").exists()
     assert "no validation records" in captured.err
-    with Image.open(tmp_path / "figs" / "loss.png") as im:
-        assert im.size == (640, 360)
+    assert png_size(tmp_path / "figs" / "loss.png") == (640, 360)  # --size is HxW
+    result = plot_runs([run], tmp_path / "lib", height=200, width=300)
+    assert result.messages == ["run: no validation records"]
+    assert [p.name for p in result.paths] == ["loss.png", "lr.png"] and result.charts[0].key == "loss"
+    assert png_size(result.paths[0]) == (300, 200)
 
 
 def test_metrics_file_path_is_accepted(tmp_path, capsys):
     run = write_run(tmp_path / "run", steps=5, val_every=None)
     assert main(["plot", str(run / "metrics.jsonl")]) == 0
     assert (run / "plots" / "loss.png").is_file()
-    # As a run of an overlay, it is labelled with its folder name: the same image as with the folder.
+    # As a run of an overlay, it is labelled with its folder name: the same charts as with the folder.
     other = write_run(tmp_path / "other", steps=5, val_every=None, scale=1.0)
     assert main(["plot", str(run / "metrics.jsonl"), str(other), "--out", str(tmp_path / "o1")]) == 0
-    assert main(["plot", str(run), str(other), "--out", str(tmp_path / "o2")]) == 0
-    with Image.open(tmp_path / "o1" / "loss.png") as o1, Image.open(tmp_path / "o2" / "loss.png") as o2:
-        assert o1.tobytes() == o2.tobytes()
+    assert (tmp_path / "o1" / "loss.png").is_file()
+    assert run_charts([run / "metrics.jsonl", other]) == run_charts([run, other])
+    assert run_charts([run / "metrics.jsonl", other]).get("loss").labels == ["run", "other"]
 
 
 def test_two_runs_are_overlaid(tmp_path, capsys):
@@ -96,27 +102,31 @@ def test_two_runs_are_overlaid(tmp_path, capsys):
     out = tmp_path / "compare"
     assert main(["plot", str(a), str(b), "--out", str(out)]) == 0
     assert written(capsys.readouterr().out) == [out / "loss.png", out / "lr.png", out / "val_map.png"]
-    for name in ("loss.png", "lr.png"):
-        c = colours(out / name)
-        assert BLUE in c and RED in c  # one colour per run
-    assert BLUE in colours(out / "val_map.png") and RED not in colours(out / "val_map.png")  # only alpha validated
-
-    # A single run's plot differs from the overlay (the second curve and the legend are drawn).
-    assert main(["plot", str(a), "--out", str(tmp_path / "single")]) == 0
-    with Image.open(out / "loss.png") as both, Image.open(tmp_path / "single" / "loss.png") as one:
-        assert both.tobytes() != one.tobytes()
+    charts = run_charts([a, b])
+    for key in ("loss", "lr"):  # one line per run, with a legend
+        chart = charts.get(key)
+        assert chart.labels == ["alpha", "beta"] and chart.legend
+        assert len(chart.get("alpha").x) == 30 and len(chart.get("beta").x) == 20
+    assert charts.get("loss").title == "training loss"
+    assert charts.get("loss").get("beta").y[0] == pytest.approx(math.exp(-0.1) + 0.1)
+    # Only alpha was validated: val_map of alpha alone (not its easy/medium/hard).
+    assert charts.get("validation").labels == ["alpha"]
+    assert charts.get("validation").get("alpha").y == pytest.approx([0.3, 0.4, 0.5])
+    assert charts.messages == ["beta: no validation records"]
 
 
 def test_legend_names_the_runs(tmp_path, capsys):
-    """With the same data, the overlay depends on the run folder names (the legend), not on their parents."""
+    """The lines of an overlay are named after the run folders (not their parents), the full path if equal."""
     a, b = write_run(tmp_path / "a" / "x"), write_run(tmp_path / "b" / "yyyyyyyyyy", scale=1.0)
     same_name, other_name = write_run(tmp_path / "c" / "x"), write_run(tmp_path / "c" / "zzzzzz")
     for out, first in (("o1", a), ("o2", same_name), ("o3", other_name)):
         assert main(["plot", str(first), str(b), "--out", str(tmp_path / out)]) == 0
-    with Image.open(tmp_path / "o1" / "loss.png") as o1, Image.open(tmp_path / "o2" / "loss.png") as o2, \
-            Image.open(tmp_path / "o3" / "loss.png") as o3:
-        assert o1.tobytes() == o2.tobytes()
-        assert o1.tobytes() != o3.tobytes()
+        assert (tmp_path / out / "loss.png").is_file()
+    assert run_charts([a, b]).get("loss").labels == ["x", "yyyyyyyyyy"]
+    assert run_charts([same_name, b]).get("loss").labels == ["x", "yyyyyyyyyy"]
+    assert run_charts([other_name, b]).get("loss").labels == ["zzzzzz", "yyyyyyyyyy"]
+    assert run_charts([a, same_name]).get("loss").labels == [str(a), str(same_name)]
+    assert run_charts([a, a]).get("loss").labels == [str(a), f"{a} (2)"]
 
 
 def test_incomplete_last_line_is_skipped(tmp_path, capsys):
@@ -126,6 +136,10 @@ def test_incomplete_last_line_is_skipped(tmp_path, capsys):
     assert main(["plot", str(run)]) == 0
     assert "line 14: skipped an incomplete last line" in capsys.readouterr().err
     assert (run / "plots" / "loss.png").is_file()
+    charts = run_charts([run])
+    assert charts.get("loss").get("loss").x == list(range(1, 13))  # the cut-off step 13 is left out
+    assert charts.messages == [f"{run / 'metrics.jsonl'}, line 14: skipped an incomplete last line (a killed run "
+                               "or one still writing)"]
 
 
 @pytest.mark.parametrize("case, message", [
@@ -170,17 +184,24 @@ def test_corrupt_second_run_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_bad_size_is_a_usage_error(tmp_path):
+@pytest.mark.parametrize("size", ["800x", "wide", "100x800", "450x150"])
+def test_bad_size_is_an_error(tmp_path, capsys, size):
     run = write_run(tmp_path / "run", steps=3)
-    with pytest.raises(SystemExit) as exc:
-        main(["plot", str(run), "--size", "800"])
-    assert exc.value.code == 2
+    assert main(["plot", str(run), "--size", size]) == 2
+    assert "--size must be HxW (height x width) with at least 120x200 pixels" in capsys.readouterr().err
+    assert not (run / "plots").exists()
+
+
+def test_one_number_is_a_square(tmp_path, capsys):
+    run = write_run(tmp_path / "run", steps=3)
+    assert main(["plot", str(run), "--size", "300"]) == 0
+    assert png_size(run / "plots" / "loss.png") == (300, 300)
 
 
 def test_read_metrics_strict_and_lenient(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"step": 1}\n\nnot json\n{"step": 2}\n')
-    assert [r["step"] for r in read_metrics(path)] == [1, 2]  # lenient: as the report reads them
+    assert [r["step"] for r in read_metrics(path).records] == [1, 2]  # lenient: as the report reads them
     from dtop.errors import DataError
 
     with pytest.raises(DataError, match=r"m.jsonl, line 3"):
@@ -204,9 +225,13 @@ def test_real_training_run(tmp_path, capsys):
     capsys.readouterr()
     assert main(["plot", str(run)]) == 0
     assert written(capsys.readouterr().out) == [run / "plots" / n for n in ("loss.png", "lr.png", "val_map.png")]
-    for name in ("loss.png", "lr.png", "val_map.png"):
-        c = colours(run / "plots" / name)
-        assert len(c) > 10 and BLUE in c
+    assert all(png_size(run / "plots" / name) == SIZE for name in ("loss.png", "lr.png", "val_map.png"))
+    charts = run_charts([run])
+    steps = [r["step"] for r in records if "loss" in r]
+    assert charts.get("loss").get("loss").x == steps and len(steps) >= 2
+    assert charts.get("lr").get("lr").x == steps
+    assert len(charts.get("validation").get("val_map").x) == 2
+    assert {"val_map", "val_map_medium", "val_map_hard"} <= set(charts.get("validation").labels)
 
 
 def test_contrastive_mining_records_give_a_negatives_plot(tmp_path, capsys):
@@ -218,4 +243,8 @@ def test_contrastive_mining_records_give_a_negatives_plot(tmp_path, capsys):
     assert main(["plot", str(run)]) == 0
     paths = written(capsys.readouterr().out)
     assert [p.name for p in paths] == ["loss.png", "lr.png", "negatives.png"]
-    assert colours(run / "plots" / "negatives.png").get(BLUE, 0) > 300
+    assert png_size(run / "plots" / "negatives.png") == SIZE
+    mining = run_charts([run]).get("mining")
+    assert mining.title == "tuples: mean distance to the mined hard negatives"
+    assert mining.get("mean_negative_distance").x == [0, 10, 20]
+    assert mining.get("mean_negative_distance").y == pytest.approx([0.2, 0.25, 0.3])

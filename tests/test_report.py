@@ -3,6 +3,7 @@
 import html
 import json
 import re
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from dtop.cli.main import main
 from dtop.data.revisited import RevisitedDataset
 from dtop.models import build_model
 from dtop.report import build_report
+from dtop.report.curves import Chart, Series, read_metrics, training_curves
 from dtop.report.heatmaps import attention_heatmap, cls_attention, colormap, overlay
-from dtop.report.plots import line_plot, nice_ticks, read_metrics, training_curves
+from dtop.report.html import collect_report, render, write_report
+from dtop.report.plots import draw_chart
 from dtop.retrieval.metrics import evaluate
 
 TOPK = 6
@@ -114,14 +117,16 @@ def evaluation(tmp_path_factory, models):
 
 @pytest.fixture(scope="module")
 def report(evaluation, models, tmp_path_factory):
+    """The report of the evaluation: index.html, results.json's payload, the dataset, the view model."""
     eval_dir, payload, ds = evaluation
     out = tmp_path_factory.mktemp("report")
-    index = build_report(eval_dir, out, topk=TOPK, heatmap_models=models)
-    return index, payload, ds
+    page = collect_report(eval_dir, out, topk=TOPK, heatmap_models=models)
+    index = write_report(page, out)
+    return index, payload, ds, page
 
 
 def test_folder_is_complete_and_self_contained(report):
-    index, _, ds = report
+    index, _, ds, _ = report
     assert index.name == "index.html" and index.is_file()
     page = parse(index)
     assert page.imgs, "the report shows images"
@@ -143,36 +148,50 @@ def test_folder_is_complete_and_self_contained(report):
 
 
 def test_heatmap_files_exist(report):
-    index, _, ds = report
-    page = parse(index)
+    index, _, ds, page = report
+    imgs = parse(index).imgs
     for slug in ("dtop_tiny", "cls_tiny"):
         for qi in range(ds.n_queries):
             rel = f"assets/heatmaps/{slug}/{qi}.jpg"
-            assert rel in page.imgs
+            assert rel in imgs
             crop = Image.open(index.parent / f"assets/queries/{qi}-crop.jpg")
             assert Image.open(index.parent / rel).size == crop.size
     text = read(index)
     assert "local-branch spatial attention" in text and "[CLS]→patch attention" in text
+    # The view model: one heatmap per model and query, each the size of the query crop.
+    assert page.queries.colorbar is not None and (index.parent / page.queries.colorbar.src).is_file()
+    for query in page.queries.queries:
+        assert [h.model for h in query.heatmaps] == ["dtop_tiny", "cls_tiny"]
+        assert query.heatmaps[0].kind == "local-branch spatial attention"
+        assert all(h.image.width == query.images.crop.width for h in query.heatmaps)
 
 
 def test_legend_colours_and_categories(report):
-    index, payload, ds = report
+    index, payload, ds, page = report
     text = read(index)
     for word in ("easy (positive)", "hard (positive)", "junk (ignored)", "wrong (negative)"):
         assert word in text
-    page = parse(index)
-    assert len(page.hits) == ds.n_queries * len(payload["models"]) * TOPK
+    assert len(parse(index).hits) == ds.n_queries * len(payload["models"]) * TOPK
     # Borders follow the ground truth: query 0 of the first model retrieved its positives first.
     q = ds.gnd.gnd[0]
     expected = {ds.gnd.imlist[i]: k for k in ("easy", "hard", "junk") for i in q[k]}
-    hits0 = [h for h in page.hits if h[0] == "q0"][:TOPK]
+    parsed = parse(index)
+    hits0 = [h for h in parsed.hits if h[0] == "q0"][:TOPK]
     for _, kind, title in hits0:
         assert kind == expected.get(title, "wrong")
     assert hits0[0][1] in ("easy", "hard")
+    # The view model behind it: every model's top-k of every query, categories from the ground truth.
+    assert [item.text for item in page.legend] == ["easy (positive)", "hard (positive)", "junk (ignored)",
+                                                   "wrong (negative)"]
+    first = page.queries.queries[0].models[0]
+    assert first.model == "dtop_tiny" and len(first.hits) == TOPK
+    assert [h.kind for h in first.hits] == [expected.get(h.label, "wrong") for h in first.hits]
+    assert [h.rank for h in first.hits] == list(range(1, TOPK + 1))
+    assert all(h.image is not None and h.caption.startswith(f"{h.rank}. {h.mark} ") for h in first.hits)
 
 
 def test_ap_and_table_shown(report):
-    index, payload, ds = report
+    index, payload, ds, page = report
     text = read(index)
     for entry in payload["models"]:
         res = entry["results"]["mini"]
@@ -186,13 +205,24 @@ def test_ap_and_table_shown(report):
 
 
 def test_training_curves(report):
-    index, _, _ = report
-    page = parse(index)
-    plots = [s for s in page.imgs if s.startswith("assets/plots/")]
+    index, _, _, page = report
+    plots = [s for s in parse(index).imgs if s.startswith("assets/plots/")]
     assert {Path(s).stem for s in plots} == {"dtop_tiny-loss", "dtop_tiny-lr", "dtop_tiny-validation"}
     for s in plots:
         with Image.open(index.parent / s) as im:
             assert im.format == "PNG" and im.size == (520, 300)
+    # The data behind the charts: steps 0-39 (the cut-off last line left out), validation every 10 steps.
+    (run,) = page.training
+    assert run.model == "dtop_tiny" and run.run.endswith("train-run")
+    charts = {c.chart.key: c.chart for c in run.charts}
+    assert set(charts) == {"loss", "lr", "validation"}
+    loss = charts["loss"].get("loss")
+    assert loss.x == list(range(40)) and loss.y == pytest.approx([5.0 / (1 + s) for s in range(40)])
+    assert charts["lr"].labels == ["lr"] and charts["lr"].get("lr").y[0] == pytest.approx(1e-3)
+    assert charts["validation"].get("val_map").x == [0, 10, 20, 30]
+    assert charts["loss"].title == "dtop_tiny: training loss" and not charts["loss"].legend
+    assert [c.image.src for c in run.charts] == [f"assets/plots/dtop_tiny-{k}.png" for k in ("loss", "lr",
+                                                                                             "validation")]
 
 
 def test_distractor_variant_and_missing_dataset(evaluation, tmp_path):
@@ -285,15 +315,74 @@ def test_heatmap_helpers(models):
     assert c.dtype == np.uint8 and c.shape == (2, 3) and c[0, 2] > c[0, 0] and c[1, 0] > c[1, 2]
 
 
-def test_plot_helpers(tmp_path):
-    assert nice_ticks(0, 1) == [0, 0.25, 0.5, 0.75, 1.0]
-    assert nice_ticks(3, 3)[0] <= 3 <= nice_ticks(3, 3)[-1]
-    recs = [{"step": 1, "loss": 2.0, "lr": 0.1, "val_map": {"medium": 0.5, "hard": 0.2}}, {"step": 2, "loss": 1.0}]
+def test_curve_helpers(tmp_path):
+    recs = [{"step": 1, "loss": 2.0, "lr": 0.1, "val_map": {"medium": 0.5, "hard": 0.2}},
+            {"step": 2, "loss": 1.0, "lr": float("nan")}, {"loss": 0.5, "event": "x"}]
     curves = training_curves(recs)
     assert set(curves) == {"loss", "lr", "validation"}
     assert set(curves["validation"]) == {"val_map medium", "val_map hard"}
-    p = line_plot(curves["loss"], tmp_path / "a.png", title="loss")
-    assert Image.open(p).format == "PNG"
-    line_plot({}, tmp_path / "empty.png")
+    assert curves["loss"]["loss"] == Series("loss", [1.0, 2.0, 2.0], [2.0, 1.0, 0.5])  # no step: its position
+    assert curves["lr"]["lr"] == Series("lr", [1.0], [0.1])  # non-finite values left out
+    chart = Chart("loss", "loss", list(curves["loss"].values()))
+    p = draw_chart(chart, tmp_path / "a.png", height=300, width=520)
+    with Image.open(p) as im:
+        assert im.format == "PNG" and im.size == (520, 300)
+    draw_chart(Chart("lr", "empty", []), tmp_path / "empty.png")
+    assert not list(tmp_path.glob(".*"))  # atomic writes leave no temporary file
     (tmp_path / "m.jsonl").write_text('{"step": 1}\n\nnot json\n[1]\n{"step": 2}')
-    assert [r["step"] for r in read_metrics(tmp_path / "m.jsonl")] == [1, 2]
+    log = read_metrics(tmp_path / "m.jsonl")
+    assert [r["step"] for r in log.records] == [1, 2] and log.messages == []
+
+
+HOSTILE = '<script>alert("x")</script> & <img src=x onerror=alert(1)>'
+
+
+def test_hostile_names_are_escaped(evaluation, tmp_path, models):
+    """Model, dataset and image names from results.json and the ground truth appear as text, never as markup."""
+    eval_dir, _, _ = evaluation
+    hostile = tmp_path / "hostile"
+    shutil.copytree(eval_dir, hostile)
+    payload = json.loads((hostile / "results.json").read_text())
+    payload["models"][0]["name"] = HOSTILE
+    payload["models"][0]["results"][HOSTILE] = payload["models"][0]["results"]["mini"]
+    payload["dataset"] = HOSTILE + " dataset"
+    payload["models"][0]["train_run"] = HOSTILE
+    (hostile / "results.json").write_text(json.dumps(payload))
+    page = collect_report(hostile, tmp_path / "r", topk=2, max_queries=1, heatmap_models=[(HOSTILE, models[0][1])])
+    assert page.tables[-1].variant == HOSTILE and page.dataset == HOSTILE + " dataset"
+    text = render(page)
+    assert "<script" not in text and "<img src=x" not in text
+    parsed = Page()
+    parsed.feed(text)
+    assert parsed.scripts == 0 and all(not src.startswith("x") for src in parsed.imgs)
+    assert html.unescape(text).count(HOSTILE) >= 5  # table row and heading, note, AP table, top-k row, heatmap
+    # File names made from a hostile model name stay inside the report folder, in plain characters.
+    (folder,) = (tmp_path / "r" / "assets" / "heatmaps").iterdir()
+    assert re.fullmatch(r"[A-Za-z0-9_.-]+", folder.name) and list(folder.glob("*.jpg"))
+
+
+def test_missing_images_become_placeholders_and_notes(evaluation, tmp_path, models):
+    """An unreadable query image is a note in its section; an unreadable database image a labelled placeholder."""
+    eval_dir, payload, ds = evaluation
+    data = tmp_path / "data"
+    shutil.copytree(ds.folder, data / ds.folder.name)
+    copy = RevisitedDataset(data, "mini")
+    (copy.query_paths[0]).write_bytes(b"not an image")
+    first = int(np.load(eval_dir / payload["models"][0]["ranks"]["mini"])[0, 1])  # query 1's first result
+    copy.database_paths[first].write_bytes(b"")
+    moved = tmp_path / "eval"
+    shutil.copytree(eval_dir, moved)
+    p2 = json.loads((moved / "results.json").read_text())
+    p2["data"] = {"root": str(data), "name": "mini", "gnd": str(copy.gnd_path)}
+    (moved / "results.json").write_text(json.dumps(p2))
+    page = collect_report(moved, tmp_path / "r", topk=3, max_queries=2, heatmap_models=models[:1])
+    q0, q1 = page.queries.queries
+    assert q0.images.image is None and q0.images.crop is None and q0.heatmaps == []
+    assert q0.images.error.startswith("query image unreadable")
+    assert len(q1.heatmaps) == 1
+    hit = q1.models[0].hits[0]
+    assert hit.image is None and hit.label == ds.gnd.imlist[first]
+    index = write_report(page, tmp_path / "r")
+    text = read(index)
+    assert "query image unreadable" in text and f">{hit.label}</div>" in text
+    assert all((index.parent / s).is_file() for s in parse(index).imgs)

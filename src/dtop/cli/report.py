@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from dtop.models.base import RetrievalModel
 
 
-def _device(name: str):
+def _device(name: str) -> torch.device:
     import torch
 
     if name == "auto":
@@ -14,7 +21,7 @@ def _device(name: str):
     return torch.device(name)
 
 
-def _heatmap_models(args: argparse.Namespace) -> list[tuple[str, object]] | None:
+def _heatmap_models(args: argparse.Namespace) -> list[tuple[str, RetrievalModel]] | None:
     """(name, model) pairs for ``--heatmaps``; without values, the evaluated models' specs."""
     if args.heatmaps is None:
         return None
@@ -35,7 +42,7 @@ def _heatmap_models(args: argparse.Namespace) -> list[tuple[str, object]] | None
         except DtopError as err:
             if explicit:
                 raise
-            print(f"dtop report: no heatmaps for {name}: {err}")
+            print(f"dtop report: note: no heatmaps for {name}: {err}", file=sys.stderr)
             continue
         out.append((name, model.to(device).eval()))
     return out
@@ -55,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def register(subparsers: Any) -> None:
     """Add ``dtop report``."""
     p = subparsers.add_parser(
         "report", help="HTML report of an evaluation: results table, top-k per query, heatmaps, training curves",

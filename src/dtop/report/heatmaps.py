@@ -1,10 +1,6 @@
-"""Where a model looks on an image: attention heatmaps for reports (no change to model code).
+"""Where a model looks on an image: attention heatmaps for reports (DToP local branch, ViT [CLS] attention).
 
-* DToP (any model with ``forward_parts``): the local branch's spatial attention (B, 1, h, w).
-* A ViT baseline (``cls``, ``gem-tokens``): the last block's [CLS]→patch attention, averaged over
-  heads. A forward pre-hook on the last block captures the tokens entering it; the attention is
-  recomputed from that block's own ``norm1`` and ``attn.qkv`` (with its ``q_norm``/``k_norm``), i.e.
-  ``softmax(q_cls · kᵀ · scale)`` over all tokens, restricted to the patch tokens.
+How each map is computed: docs/report.md.
 """
 
 from __future__ import annotations
@@ -45,7 +41,7 @@ def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.55) -> Image.
     """Blend ``heat`` (h, w) in [0, 1], resized bilinearly to the image, over ``image``."""
     image = image.convert("RGB")
     heat_img = Image.fromarray(np.clip(heat * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    heat_img = heat_img.resize(image.size, Image.BILINEAR)
+    heat_img = heat_img.resize(image.size, Image.Resampling.BILINEAR)
     colours = colormap(np.asarray(heat_img, dtype=np.float32) / 255.0)
     base = np.asarray(image, dtype=np.float32)
     out = base * (1.0 - alpha) + colours.astype(np.float32) * alpha
@@ -88,7 +84,7 @@ def cls_attention(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
     backbone = getattr(model, "backbone", None)
     blocks = getattr(backbone, "blocks", None)
-    if blocks is None or len(blocks) == 0:
+    if backbone is None or blocks is None or len(blocks) == 0:
         raise ConfigError(f"{type(model).__name__} has no transformer blocks: no [CLS] attention to show")
     last = blocks[-1]
     attn = getattr(last, "attn", None)
@@ -142,9 +138,14 @@ def attention_heatmap(model: torch.nn.Module, image: Image.Image, long_side: flo
     try:
         stride = int(getattr(model, "stride", 16))
         img = resize_image(image.convert("RGB"), long_side, multiple=stride)
-        x = to_tensor(img, model.mean, model.std).unsqueeze(0).to(_device(model))
-        if callable(getattr(model, "forward_parts", None)):
-            att = model.forward_parts(x)["attention"][:, 0]
+        # Read off the model object: any module with these attributes works, not only a RetrievalModel.
+        mean, std = getattr(model, "mean", None), getattr(model, "std", None)
+        if mean is None or std is None:
+            raise ConfigError(f"{type(model).__name__} has no mean/std: cannot normalise its input")
+        x = to_tensor(img, mean, std).unsqueeze(0).to(_device(model))
+        forward_parts = getattr(model, "forward_parts", None)
+        if callable(forward_parts):
+            att = forward_parts(x)["attention"][:, 0]
         else:
             att = cls_attention(model, x)
         # Keep only the tokens of the image (the model pads bottom/right to a multiple of the stride).
