@@ -154,24 +154,12 @@ def _seed_everything(seed: int) -> None:
 
 def build_training_set(config: TrainConfig):
     """The :class:`~dtop.data.training.TrainingSet` of ``config.data``."""
-    from dtop.data import training as T
+    from dtop.data.training import load_training_set
 
     d = config.data
-    if d.format == "sfm120k":
-        ts = T.load_sfm120k(d.root)
-    elif d.format == "gldv2-clean":
-        ts = T.load_gldv2_clean(d.root, exclude=d.exclude)
-    elif d.format == "gldv1":
-        ts = T.load_gldv1(d.root)
-    elif d.format == "folder":
-        ts = T.load_image_folder(d.root)
-    else:
-        if not d.csv:
-            raise ConfigError("data.format csv needs data.csv (a CSV file of path,label)")
-        ts = T.load_csv(d.csv, path_column=d.path_column, label_column=d.label_column)
-    if d.min_images_per_class > 1:
-        ts = ts.filter_min_images(d.min_images_per_class)
-    return ts
+    return load_training_set(d.format, d.root, csv_path=d.csv, path_column=d.path_column,
+                             label_column=d.label_column, exclude=d.exclude,
+                             min_images_per_class=d.min_images_per_class)
 
 
 def build_loss(config: TrainConfig, embedding_dim: int, num_classes: int) -> nn.Module:
