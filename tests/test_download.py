@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import pickle
 import tarfile
 import threading
@@ -33,6 +34,7 @@ from dtop.data.download import (
     download_dataset,
     extract_archive,
     fetch,
+    fetching,
     resource_url,
 )
 from dtop.data.gnd import load_gnd
@@ -113,15 +115,11 @@ def server():
     s.close()
 
 
-def _quiet(msg: str) -> None:
-    pass
-
-
 def _payload(n: int = 300_000) -> bytes:
     return hashlib.sha256(b"seed").digest() * (n // 32)
 
 
-FAST = dict(backoff=0.0, progress=False, log=_quiet, timeout=10)
+FAST = dict(backoff=0.0, progress=False, timeout=10)
 
 # ------------------------------------------------------------------------------------- fetch
 
@@ -282,7 +280,7 @@ def _mini_source(server: Server, names: list[str], n_archives: int = 2, nested: 
     return DatasetSource("mini", tuple(resources), expected_images=len(names))
 
 
-def test_dataset_download_is_idempotent_and_resumes_between_archives(server, tmp_path):
+def test_dataset_download_is_idempotent_and_resumes_between_archives(server, tmp_path, caplog):
     names = [f"img_{i:03d}" for i in range(12)]
     src = _mini_source(server, names, n_archives=3, nested=True)
     server.b.fail["/mini/part1.tgz"] = [404]
@@ -302,10 +300,10 @@ def test_dataset_download_is_idempotent_and_resumes_between_archives(server, tmp
     assert ds.n_database == 11 and ds.query_dataset()[0][0].size == (4, 4)
 
     server.b.log.clear()
-    messages: list[str] = []
-    again = download_dataset(src, tmp_path, base_url=server.url, **{**FAST, "log": messages.append})
+    with caplog.at_level(logging.INFO, logger="dtop"):
+        again = download_dataset(src, tmp_path, base_url=server.url, **FAST)
     assert again.already_complete and server.b.log == []
-    assert any("already complete" in m and "nothing to do" in m for m in messages)
+    assert any("already complete" in m and "nothing to do" in m for m in caplog.messages)
 
     (jpg / "img_004.jpg").unlink()  # a lost image is fetched again
     report = download_dataset(src, tmp_path, base_url=server.url, **FAST)
@@ -370,7 +368,7 @@ def test_dtop_download_rparis6k_end_to_end(server, tmp_path, monkeypatch, capsys
     server.b.cut["/rparis6k/paris_1-v1.tgz"] = [50_000]  # one dropped connection on the way
     monkeypatch.setenv(BASE_URL_ENV, server.url)
     sleeps: list[float] = []
-    monkeypatch.setattr(dl.time, "sleep", sleeps.append)
+    monkeypatch.setattr(fetching.time, "sleep", sleeps.append)
     root = tmp_path / "data"
     assert cli_main(["download", "rparis6k", "--root", str(root), "--no-progress"]) == 0
     assert sleeps == [2.0]  # one retry after the dropped connection, with the default back-off

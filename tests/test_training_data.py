@@ -458,11 +458,7 @@ def _tar(members: dict[str, bytes], gz: bool) -> bytes:
     return raw.getvalue()
 
 
-def _quiet(msg: str) -> None:
-    pass
-
-
-FAST = dict(progress=False, log=_quiet, backoff=0.0, timeout=10)
+FAST = dict(progress=False, backoff=0.0, timeout=10)
 
 
 def test_parse_md5_file():

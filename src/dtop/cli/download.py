@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from dtop.data.download import BASE_URL_ENV, CATALOGUE, download_dataset
 
@@ -38,7 +37,6 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             retries=args.retries,
             timeout=args.timeout,
-            log=lambda msg: print(msg, file=sys.stderr, flush=True),
         )
     return 0
 
