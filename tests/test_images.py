@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import os
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,15 +204,54 @@ def test_exif_orientation_off_by_default(tmp_path):
     assert load_image(path, exif_transpose=True).size == (48, 64)
 
 
-def test_file_handles_are_closed(jpeg):
-    import gc
-    import warnings
+def _handle_leaks(load, path) -> list[str]:
+    """What ``load(path)`` leaves open: descriptors of ``path`` still open while its result is alive
+    (from /proc/self/fd), and files closed only by the garbage collector (their ResourceWarning,
+    recorded here because a warning raised as an error in a finaliser would be swallowed)."""
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", ResourceWarning)
-        for _ in range(5):
-            load_image(jpeg)
+    def open_fds() -> int:
+        fd_dir = Path("/proc/self/fd")
+        if not fd_dir.is_dir():
+            return 0
+        target = os.path.realpath(path)
+        count = 0
+        for fd in fd_dir.iterdir():
+            try:
+                count += os.readlink(fd) == target
+            except OSError:  # closed meanwhile (the descriptor of the listing itself)
+                pass
+        return count
+
+    leaks: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        before = open_fds()
+        results = [load(path) for _ in range(3)]
+        still_open = open_fds() - before
+        if still_open:
+            leaks.append(f"{still_open} descriptor(s) of {path} open after loading")
+        del results
         gc.collect()
+    leaks += [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    return leaks
+
+
+def test_file_handles_are_closed(jpeg):
+    assert _handle_leaks(load_image, jpeg) == []
+    assert _handle_leaks(lambda p: ImageListDataset([p])[0][0], jpeg) == []
+
+
+def test_the_handle_check_catches_leaking_loaders(jpeg):
+    def lazy(path):  # PIL's lazy open keeps the file open until the pixels are loaded
+        return Image.open(path)
+
+    def dropped(path):  # a file left for the garbage collector to close
+        f = open(path, "rb")  # noqa: SIM115 - the leak under test
+        f.read(2)
+        return load_image(path)
+
+    assert any("descriptor" in leak for leak in _handle_leaks(lazy, jpeg))
+    assert any("unclosed file" in leak for leak in _handle_leaks(dropped, jpeg))
 
 
 # ---------------------------------------------------------------- resize policy

@@ -336,11 +336,6 @@ class LoadFailure:
     reason: str
 
 
-def is_failure(item: Any) -> bool:
-    """True if ``item`` (a dataset item's first element) is a :class:`LoadFailure`."""
-    return isinstance(item, LoadFailure)
-
-
 def collate_with_failures(
     batch: Sequence[tuple[Any, int]],
 ) -> tuple[list[Any], list[int], list[LoadFailure]]:

@@ -179,15 +179,6 @@ class _BucketBatchSampler:
         self._cache = (epoch, batches, gids)
         return batches, gids
 
-    def rank_batches(self, epoch: int | None = None) -> list[list[tuple[int, tuple[int, int]]]]:
-        """This rank's batches of ``epoch`` as lists of ``(index, (H, W))``."""
-        batches, gids = self.epoch_batches(epoch)
-        out = []
-        for b in range(self.rank, len(batches), self.world_size):
-            size = self.sizes[gids[b]]
-            out.append([(int(i), size) for i in batches[b]])
-        return out
-
     def __iter__(self) -> Iterator[list[tuple[int, tuple[int, int]]]]:
         start, self._resume_at = self._resume_at, 0
         batches, gids = self.epoch_batches(self.epoch)
