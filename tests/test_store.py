@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 
 from dtop.errors import DataError
 from dtop.retrieval.store import DescriptorStore, Failure
+from dtop.utils.locks import file_lock
 
 N_IMAGES, DIM, SHARD = 53, 16, 10
 IMAGES = [f"jpg/img_{i:03d}.jpg" for i in range(N_IMAGES)]
@@ -120,6 +122,17 @@ def test_concurrent_writers_keep_the_manifest_consistent(tmp_path) -> None:
     assert len(writers) == 2
 
 
+def test_manifest_writers_wait_for_the_lock(tmp_path) -> None:
+    store = create(tmp_path / "s")
+    done = threading.Event()
+    with file_lock(tmp_path / "s" / ".manifest.lock"):  # another writer is rewriting the manifest
+        writer = threading.Thread(target=lambda: (write_one(store, 0, descriptors()), done.set()))
+        writer.start()
+        assert not done.wait(0.5)  # the shard's manifest refresh waits (it does not fail)
+    writer.join(10)
+    assert done.is_set() and json.loads((tmp_path / "s" / "manifest.json").read_text())["finished_shards"] == [0]
+
+
 def test_assigned_shards_and_partial_load(tmp_path) -> None:
     store = create(tmp_path / "s")
     assert store.assigned_shards(0, 2) == [0, 2, 4] and store.assigned_shards(1, 2) == [1, 3, 5]
@@ -143,9 +156,12 @@ def test_settings_or_model_mismatch_is_a_clear_error(tmp_path) -> None:
         create(root, images=IMAGES[:-1])
     with pytest.raises(DataError, match="shard_size"):
         create(root, shard_size=20)
-    assert store.matches(SETTINGS, MODEL) and not store.matches({**SETTINGS, "dtype": "float32"}, MODEL)
+    assert store.differences(SETTINGS, MODEL) == []
+    assert store.differences({**SETTINGS, "dtype": "float32"}, MODEL) == [
+        "settings.dtype: store has 'float16', requested 'float32'"
+    ]
     # tuples and lists are the same setting (JSON round trip)
-    assert store.matches({**SETTINGS, "scales": tuple(SETTINGS["scales"])}, MODEL)
+    assert store.differences({**SETTINGS, "scales": tuple(SETTINGS["scales"])}, MODEL) == []
     fresh = create(root, settings={**SETTINGS, "image_size": 512}, overwrite=True)
     assert fresh.missing_shards() == list(range(6)) and fresh.settings["image_size"] == 512
     assert not list(root.glob("shard-*"))

@@ -1,46 +1,15 @@
-"""The descriptor store of dtop: one directory of sharded descriptors that describes itself.
+"""The descriptor store: one directory of sharded descriptors that describes itself.
 
-Layout of a store directory::
-
-    manifest.json                  format, model, settings, image-list hash, shards, failures
-    images.txt                     the image list, one path per line (line i = image index i)
-    shard-00000.safetensors        tensors ``descriptors`` (n, d) float16/float32, ``indices`` (n,) int64
-    shard-00000.done.json          done-marker: count, dim, sha256 of the shard file, its failures
-    shard-00001.failures.json      failures recorded for a shard that is not finished yet
-    descriptors.npy, valid.npy     optional consolidated copy for memory-mapped loading
-
-Shard ``i`` holds images ``[i·shard_size, (i+1)·shard_size)`` of the list (contiguous ranges: the
-assignment never depends on what is finished, so every writer computes the same one). Every image
-of a shard is either a row of ``descriptors`` (``indices`` says which, ascending) or a recorded
-failure (image index, path, reason).
-
-**Several writers.** ``torchrun`` ranks may write different shards of one store at the same time
-(:meth:`DescriptorStore.assigned_shards` splits them: shard ``i`` goes to rank ``i % world_size``).
-No file is shared between writers except the manifest, so **the done-markers on disk are the source
-of truth**: a shard is finished iff its marker exists. :meth:`DescriptorStore.write_shard` writes
-the shard (temp + rename), then its marker (temp + rename), then rewrites the manifest's derived
-fields (finished shards, failures) from the markers, holding an advisory ``flock`` on
-``.manifest.lock`` so that the last writer's manifest lists everything. Why not a shared list
-updated in place: a read-modify-write of one file by several processes loses updates, and file
-locks are unreliable on the network file systems clusters use. Deriving from per-shard files needs
-nothing but an atomic rename; where ``flock`` does not work the manifest may lag behind the
-markers until the next write or :meth:`DescriptorStore.finalize`, but it is never corrupt, and
-:meth:`DescriptorStore.open` and every query of the API re-derive from the markers.
-
-**Crash safety and resume.** A killed writer leaves at most a temp file (``.shard-….tmp``) or a
-shard without a marker; both count as not finished and the shard is written again. Shard files
-are byte-deterministic (rows sorted by image index, one fixed metadata key), so a store written by
-an interrupted run and its resume is byte-identical in its descriptors to an uninterrupted one.
-Timestamps and writer details live in the markers and the manifest, never in the shards.
+Shard ``i`` holds images ``[i·shard_size, (i+1)·shard_size)`` of the image list; several writers
+(``torchrun`` ranks) may fill different shards at once, and a killed writer's work resumes shard by
+shard. File layout, the writers' protocol and crash safety: docs/retrieval.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import re
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -50,74 +19,36 @@ import numpy as np
 import torch
 
 from dtop.errors import ConfigError, DataError
+from dtop.retrieval.shards import (
+    CONSOLIDATED,
+    DEFAULT_SHARD_SIZE,
+    DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    IMAGES,
+    LOCK,
+    MANIFEST,
+    MARKER_RE,
+    OWN_FILE_RE,
+    STATIC_KEYS,
+    Failure,
+    FailureLike,
+    as_failure,
+    canonical,
+    dict_differences,
+    file_sha256,
+    images_digest,
+    marker_path,
+    np_dtype,
+    pending_path,
+    read_pending_failures,
+    read_shard_file,
+    shard_path,
+    shard_rows,
+    write_shard_file,
+)
 from dtop.utils.io import atomic_path, read_versioned_json, write_json
 from dtop.utils.locks import file_lock, utc_now
-
-FORMAT = "dtop-descriptors"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-IMAGES = "images.txt"
-LOCK = ".manifest.lock"
-CONSOLIDATED = ("descriptors.npy", "valid.npy", "consolidated.json")
-DTYPES = {"float16": torch.float16, "float32": torch.float32}
-DEFAULT_SHARD_SIZE = 10000
-_SHARD_META_KEY = "dtop"  # the one metadata key of a shard file (several keys are written in random order)
-_SHARD_RE = re.compile(r"^shard-(\d+)\.done\.json$")
-_OWN_FILE_RE = re.compile(
-    r"^(shard-\d+\.(safetensors|done\.json|failures\.json)|\.(shard-\d+|manifest|images|descriptors|valid|"
-    r"consolidated)\..*\.tmp)$"
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Failure:
-    """An image whose descriptor could not be extracted."""
-
-    index: int
-    path: str
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form: ``{"index", "path", "reason"}``."""
-        return dataclasses.asdict(self)
-
-
-def _canonical(obj: Any, what: str) -> Any:
-    """JSON round trip (tuples become lists, keys strings) so that comparisons are exact."""
-    try:
-        return json.loads(json.dumps(obj, sort_keys=True))
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"descriptor store {what} must be JSON-serialisable: {err}") from err
-
-
-def images_digest(images: Sequence[str]) -> str:
-    """sha256 of the image list as written to ``images.txt`` (one path per line)."""
-    h = hashlib.sha256()
-    for name in images:
-        h.update(name.encode("utf-8"))
-        h.update(b"\n")
-    return h.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _dict_differences(name: str, stored: Any, requested: Any) -> list[str]:
-    if stored == requested:
-        return []
-    if isinstance(stored, dict) and isinstance(requested, dict):
-        keys = sorted(set(stored) | set(requested))
-        return [
-            f"{name}.{k}: store has {stored.get(k, '<unset>')!r}, requested {requested.get(k, '<unset>')!r}"
-            for k in keys
-            if stored.get(k, "<unset>") != requested.get(k, "<unset>")
-        ]
-    return [f"{name}: store has {stored!r}, requested {requested!r}"]
 
 
 class DescriptorStore:
@@ -125,7 +56,7 @@ class DescriptorStore:
 
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
         self.root = root
-        self._static = {k: manifest[k] for k in _STATIC_KEYS}
+        self._static = {k: manifest[k] for k in STATIC_KEYS}
         self._images: list[str] | None = None
         self._markers: dict[int, tuple[int, dict[str, Any]]] = {}
 
@@ -151,33 +82,19 @@ class DescriptorStore:
         writers, let one process create (and overwrite) and the others :meth:`open` after a barrier.
         """
         root = Path(root)
-        names = [str(p) for p in images]
-        if not names:
-            raise DataError("cannot create a descriptor store for an empty image list")
-        bad = next((n for n in names if "\n" in n or "\r" in n), None)
-        if bad is not None:
-            raise DataError(f"image path {bad!r} contains a line break; rename the file")
+        names = _check_image_names(images)
         if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
             raise ConfigError(f"shard_size must be a positive integer, got {shard_size!r}")
-        settings_c = _canonical(dict(settings), "settings")
-        model_c = _canonical(dict(model_info), "model_info")
+        settings_c = canonical(dict(settings), "settings")
+        model_c = canonical(dict(model_info), "model_info")
         dtype = settings_c.get("dtype", "float32")
         if dtype not in DTYPES:
             raise ConfigError(f"descriptor store dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if (root / MANIFEST).is_file():
-            if overwrite:
-                cls._remove_store_files(root)
-            else:
-                store = cls.open(root)
-                diffs = store.differences(settings_c, model_c, images=names, shard_size=shard_size)
-                if diffs:
-                    raise DataError(
-                        f"{root} already holds descriptors of a different model or settings ("
-                        + "; ".join(diffs[:6])
-                        + "). Use another output directory (--out) or --overwrite to replace them."
-                    )
-                return store
-        elif root.is_dir() and any(_OWN_FILE_RE.match(p.name) and p.name.startswith("shard-") for p in root.iterdir()):
+            if not overwrite:
+                return cls._reopen(root, settings_c, model_c, names, shard_size)
+            _remove_store_files(root)
+        elif root.is_dir() and any(OWN_FILE_RE.match(p.name) and p.name.startswith("shard-") for p in root.iterdir()):
             raise DataError(
                 f"{root} holds descriptor shards but no {MANIFEST} (a damaged store); "
                 "use --overwrite to replace it or another output directory (--out)"
@@ -204,6 +121,20 @@ class DescriptorStore:
         return store
 
     @classmethod
+    def _reopen(cls, root: Path, settings: dict[str, Any], model_info: dict[str, Any], names: list[str],
+                shard_size: int) -> Self:
+        """The store at ``root`` if it was created for the same model, settings, images and shard size."""
+        store = cls.open(root)
+        diffs = store.differences(settings, model_info, images=names, shard_size=shard_size)
+        if diffs:
+            raise DataError(
+                f"{root} already holds descriptors of a different model or settings ("
+                + "; ".join(diffs[:6])
+                + "). Use another output directory (--out) or --overwrite to replace them."
+            )
+        return store
+
+    @classmethod
     def open(cls, root: str | os.PathLike) -> Self:
         """Open an existing store (clear errors for a missing or foreign directory)."""
         root = Path(root)
@@ -213,17 +144,10 @@ class DescriptorStore:
                 f"{root} is not a descriptor store (no {MANIFEST}); extract descriptors into it first"
             )
         manifest = read_versioned_json(
-            path, fmt=FORMAT, version=FORMAT_VERSION, required=_STATIC_KEYS, kind="descriptor store manifest",
+            path, fmt=FORMAT, version=FORMAT_VERSION, required=STATIC_KEYS, kind="descriptor store manifest",
             damaged="re-extract with --overwrite", outdated="Re-extract with --overwrite.",
         )
         return cls(root, manifest)
-
-    @staticmethod
-    def _remove_store_files(root: Path) -> None:
-        (root / MANIFEST).unlink(missing_ok=True)  # first: no half-removed store looks valid
-        for p in root.iterdir():
-            if p.name in (IMAGES, LOCK, *CONSOLIDATED) or _OWN_FILE_RE.match(p.name):
-                p.unlink(missing_ok=True)
 
     # -------------------------------------------------------------------------------- properties
 
@@ -277,8 +201,6 @@ class DescriptorStore:
         markers = self._read_markers()
         return next((int(m["dim"]) for m in markers.values() if m.get("dim") is not None), None)
 
-    # ---------------------------------------------------------------------------------- matching
-
     def differences(
         self,
         settings: Mapping[str, Any],
@@ -287,8 +209,8 @@ class DescriptorStore:
         shard_size: int | None = None,
     ) -> list[str]:
         """What differs between this store and the requested model/settings (empty: reusable)."""
-        diffs = _dict_differences("model", self.model_info, _canonical(dict(model_info), "model_info"))
-        diffs += _dict_differences("settings", self.settings, _canonical(dict(settings), "settings"))
+        diffs = dict_differences("model", self.model_info, canonical(dict(model_info), "model_info"))
+        diffs += dict_differences("settings", self.settings, canonical(dict(settings), "settings"))
         if images is not None:
             names = [str(p) for p in images]
             if len(names) != self.num_images or images_digest(names) != self._static["images_sha256"]:
@@ -296,15 +218,6 @@ class DescriptorStore:
         if shard_size is not None and shard_size != self.shard_size:
             diffs.append(f"shard_size: store has {self.shard_size}, requested {shard_size}")
         return diffs
-
-    def matches(
-        self,
-        settings: Mapping[str, Any],
-        model_info: Mapping[str, Any],
-        images: Sequence[str | os.PathLike] | None = None,
-    ) -> bool:
-        """Whether the store holds (or is being filled with) descriptors of this model and settings."""
-        return not self.differences(settings, model_info, images)
 
     # ------------------------------------------------------------------------------------ shards
 
@@ -323,15 +236,6 @@ class DescriptorStore:
         if not isinstance(i, int | np.integer) or not 0 <= i < self.num_shards:
             raise DataError(f"shard {i!r} does not exist: the store has shards 0..{self.num_shards - 1}")
 
-    def _shard_path(self, i: int) -> Path:
-        return self.root / f"shard-{i:05d}.safetensors"
-
-    def _marker_path(self, i: int) -> Path:
-        return self.root / f"shard-{i:05d}.done.json"
-
-    def _pending_path(self, i: int) -> Path:
-        return self.root / f"shard-{i:05d}.failures.json"
-
     def _read_markers(self) -> dict[int, dict[str, Any]]:
         """Done-markers on disk (cached per file modification time)."""
         found: dict[int, dict[str, Any]] = {}
@@ -340,7 +244,7 @@ class DescriptorStore:
         except FileNotFoundError as err:
             raise DataError(f"descriptor store {self.root} has disappeared (deleted or moved)") from err
         for p in entries:
-            m = _SHARD_RE.match(p.name)
+            m = MARKER_RE.match(p.name)
             if not m or int(m.group(1)) >= self.num_shards:
                 continue
             i = int(m.group(1))
@@ -376,19 +280,11 @@ class DescriptorStore:
 
     # ------------------------------------------------------------------------------------ writing
 
-    def _normalise_failures(self, failures: Iterable[Failure | tuple | Mapping[str, Any]]) -> list[Failure]:
+    def _normalise_failures(self, failures: Iterable[FailureLike]) -> list[Failure]:
+        """``failures`` as :class:`Failure` objects of images of the list, empty paths filled in."""
         out = []
-        for f in failures:
-            if isinstance(f, Mapping):
-                f = Failure(int(f["index"]), str(f.get("path") or ""), str(f["reason"]))
-            elif not isinstance(f, Failure):
-                t = tuple(f)
-                if len(t) == 2:
-                    f = Failure(int(t[0]), "", str(t[1]))
-                elif len(t) == 3:
-                    f = Failure(int(t[0]), str(t[1]), str(t[2]))
-                else:
-                    raise DataError(f"a failure is (index, reason) or (index, path, reason), got {t!r}")
+        for item in failures:
+            f = as_failure(item)
             if not 0 <= f.index < self.num_images:
                 raise DataError(f"failure for image index {f.index}, outside [0, {self.num_images})")
             if not f.path:
@@ -396,16 +292,7 @@ class DescriptorStore:
             out.append(f)
         return out
 
-    def _pending_failures(self, i: int) -> dict[int, Failure]:
-        path = self._pending_path(i)
-        if not path.is_file():
-            return {}
-        try:
-            return {int(d["index"]): Failure(**d) for d in json.loads(path.read_text())["failures"]}
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            return {}
-
-    def record_failures(self, failures: Iterable[Failure | tuple | Mapping[str, Any]]) -> None:
+    def record_failures(self, failures: Iterable[FailureLike]) -> None:
         """Record images that could not be processed, before their shard is written.
 
         Items are :class:`Failure`, ``(index, reason)``, ``(index, path, reason)`` or mappings;
@@ -422,16 +309,16 @@ class DescriptorStore:
                     f"shard {i} is already finished; failures of its images must be passed before or "
                     "to write_shard"
                 )
-            merged = self._pending_failures(i)
+            merged = read_pending_failures(pending_path(self.root, i))
             merged.update({f.index: f for f in items})
-            write_json(self._pending_path(i), {"failures": [merged[k].to_dict() for k in sorted(merged)]})
+            write_json(pending_path(self.root, i), {"failures": [merged[k].to_dict() for k in sorted(merged)]})
 
     def write_shard(
         self,
         i: int,
         descriptors: torch.Tensor | np.ndarray,
         indices: torch.Tensor | np.ndarray | Sequence[int],
-        failures: Iterable[Failure | tuple | Mapping[str, Any]] = (),
+        failures: Iterable[FailureLike] = (),
     ) -> Path:
         """Write shard ``i`` atomically, then its done-marker, then refresh the manifest.
 
@@ -440,51 +327,10 @@ class DescriptorStore:
         failure (given here or recorded earlier with :meth:`record_failures`).
         """
         self._check_shard(i)
-        desc = torch.as_tensor(np.asarray(descriptors) if not isinstance(descriptors, torch.Tensor) else descriptors)
-        idx = torch.as_tensor(np.asarray(indices) if not isinstance(indices, torch.Tensor) else indices)
-        desc, idx = desc.detach().cpu(), idx.detach().cpu().to(torch.int64).reshape(-1)
-        if idx.numel() == 0 and desc.numel() == 0:  # every image of the shard failed
-            desc = desc.to(torch.float32).reshape(0, desc.shape[-1] if desc.ndim == 2 else 0)
-        if desc.ndim != 2 or desc.shape[0] != idx.numel():
-            raise DataError(
-                f"shard {i}: descriptors must be (n, d) with n = len(indices) = {idx.numel()}, got "
-                f"{tuple(desc.shape)}"
-            )
-        if not torch.is_floating_point(desc) or not bool(torch.isfinite(desc).all()):
-            raise DataError(f"shard {i}: descriptors must be finite floating-point values (got NaN/inf or ints)")
-        items = self.shard_items(i)
-        order = torch.argsort(idx, stable=True)
-        idx, desc = idx[order], desc[order]
-        if idx.numel() and (int(idx[0]) < items.start or int(idx[-1]) >= items.stop):
-            raise DataError(f"shard {i} holds images {items.start}..{items.stop - 1}; got indices outside that range")
-        if idx.numel() > 1 and bool((idx[1:] == idx[:-1]).any()):
-            raise DataError(f"shard {i}: indices contain duplicates")
-        dim = self.descriptor_dim
-        if dim is not None and desc.shape[1] != dim and idx.numel():
-            raise DataError(
-                f"shard {i}: descriptors are {desc.shape[1]}-d but the store's other shards are {dim}-d; "
-                "a store holds one model's descriptors (use another --out)"
-            )
-        pending = self._pending_failures(i)
-        pending.update({f.index: f for f in self._normalise_failures(failures)})
-        present = set(idx.tolist())
-        fails = [pending[k] for k in sorted(pending) if k not in present]
-        if any(not items.start <= f.index < items.stop for f in fails):
-            raise DataError(f"shard {i}: a failure names an image outside {items.start}..{items.stop - 1}")
-        unaccounted = sorted(set(items) - present - {f.index for f in fails})
-        if unaccounted:
-            raise DataError(
-                f"shard {i}: {len(unaccounted)} image(s) have neither a descriptor nor a recorded failure "
-                f"(e.g. {unaccounted[:5]}); pass their failures to write_shard or record_failures"
-            )
-        from safetensors.torch import save_file
-
-        tensors = {"descriptors": desc.to(self.dtype).contiguous(), "indices": idx.contiguous()}
-        meta = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "shard": int(i)}, sort_keys=True)
-        path = self._shard_path(i)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={_SHARD_META_KEY: meta})
-            digest, size = _file_sha256(tmp), tmp.stat().st_size
+        desc, idx = shard_rows(i, descriptors, indices, self.shard_items(i), self.descriptor_dim)
+        fails = self._shard_failures(i, idx, failures)
+        path = shard_path(self.root, i)
+        digest, size = write_shard_file(path, i, desc.to(self.dtype), idx)
         marker = {
             "shard": int(i),
             "file": path.name,
@@ -497,10 +343,27 @@ class DescriptorStore:
             "finished_at": utc_now(),
             "writer": {"host": socket.gethostname(), "pid": os.getpid(), "rank": os.environ.get("RANK")},
         }
-        write_json(self._marker_path(i), marker)
-        self._pending_path(i).unlink(missing_ok=True)
+        write_json(marker_path(self.root, i), marker)
+        pending_path(self.root, i).unlink(missing_ok=True)
         self.refresh_manifest()
         return path
+
+    def _shard_failures(self, i: int, idx: torch.Tensor, failures: Iterable[FailureLike]) -> list[Failure]:
+        """Failures of shard ``i`` (recorded and given) for the images without a row; all images accounted for."""
+        items = self.shard_items(i)
+        pending = read_pending_failures(pending_path(self.root, i))
+        pending.update({f.index: f for f in self._normalise_failures(failures)})
+        present = set(idx.tolist())
+        fails = [pending[k] for k in sorted(pending) if k not in present]
+        if any(not items.start <= f.index < items.stop for f in fails):
+            raise DataError(f"shard {i}: a failure names an image outside {items.start}..{items.stop - 1}")
+        unaccounted = sorted(set(items) - present - {f.index for f in fails})
+        if unaccounted:
+            raise DataError(
+                f"shard {i}: {len(unaccounted)} image(s) have neither a descriptor nor a recorded failure "
+                f"(e.g. {unaccounted[:5]}); pass their failures to write_shard or record_failures"
+            )
+        return fails
 
     def failures(self) -> list[Failure]:
         """All recorded failures (finished shards' and pending ones), by image index."""
@@ -509,8 +372,8 @@ class DescriptorStore:
         for i in range(self.num_shards):
             if i in markers:
                 out.update({d["index"]: Failure(**d) for d in markers[i].get("failures", [])})
-            elif self._pending_path(i).is_file():
-                out.update(self._pending_failures(i))
+            else:
+                out.update(read_pending_failures(pending_path(self.root, i)))
         return [out[k] for k in sorted(out)]
 
     def manifest(self) -> dict[str, Any]:
@@ -542,7 +405,7 @@ class DescriptorStore:
         Call it from one process once all writers are done (temp files of a live writer would go).
         """
         for p in self.root.iterdir():
-            if p.name.startswith(".") and p.name.endswith(".tmp") and _OWN_FILE_RE.match(p.name):
+            if p.name.startswith(".") and p.name.endswith(".tmp") and OWN_FILE_RE.match(p.name):
                 p.unlink(missing_ok=True)
         self.refresh_manifest()
 
@@ -550,20 +413,10 @@ class DescriptorStore:
 
     def read_shard(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """``(descriptors, indices)`` of finished shard ``i`` as numpy arrays."""
-        from safetensors import SafetensorError, safe_open
-
         self._check_shard(i)
         if i not in self._read_markers():
             raise DataError(f"shard {i} of {self.root} is not finished; run the extraction again to resume")
-        path = self._shard_path(i)
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                desc, idx = f.get_tensor("descriptors"), f.get_tensor("indices")
-        except (SafetensorError, OSError, ValueError, KeyError) as err:
-            raise DataError(
-                f"{path} is missing or damaged ({err}); delete it and {self._marker_path(i).name} and resume"
-            ) from err
-        return desc, idx
+        return read_shard_file(shard_path(self.root, i), marker_path(self.root, i))
 
     def load(
         self, numpy: bool = False, mmap: bool = False, require_complete: bool = True
@@ -593,7 +446,7 @@ class DescriptorStore:
                 torch.from_numpy(np.load(desc_path, mmap_mode="c")),
                 torch.from_numpy(np.load(valid_path, mmap_mode="c")),
             )
-        out = np.zeros((self.num_images, dim), dtype=_np_dtype(self.dtype))
+        out = np.zeros((self.num_images, dim), dtype=np_dtype(self.dtype))
         valid = np.zeros(self.num_images, dtype=bool)
         self._fill(out, valid, dim)
         if numpy:
@@ -618,7 +471,7 @@ class DescriptorStore:
             pass
         key_path.unlink(missing_ok=True)
         with atomic_path(desc_path) as tmp_d, atomic_path(valid_path) as tmp_v:
-            out = np.lib.format.open_memmap(tmp_d, mode="w+", dtype=_np_dtype(self.dtype), shape=(self.num_images, dim))
+            out = np.lib.format.open_memmap(tmp_d, mode="w+", dtype=np_dtype(self.dtype), shape=(self.num_images, dim))
             valid = np.lib.format.open_memmap(tmp_v, mode="w+", dtype=bool, shape=(self.num_images,))
             valid[:] = False
             self._fill(out, valid, dim)
@@ -632,10 +485,10 @@ class DescriptorStore:
         """Re-hash every finished shard against its marker; returns the problems found (empty: OK)."""
         problems = []
         for i, marker in sorted(self._read_markers().items()):
-            path = self._shard_path(i)
+            path = shard_path(self.root, i)
             if not path.is_file():
                 problems.append(f"shard {i}: {path.name} is missing")
-            elif _file_sha256(path) != marker.get("sha256"):
+            elif file_sha256(path) != marker.get("sha256"):
                 problems.append(f"shard {i}: {path.name} does not match the sha256 in its marker")
         return problems
 
@@ -651,13 +504,24 @@ class DescriptorStore:
         )
 
 
-def _np_dtype(dtype: torch.dtype) -> np.dtype:
-    return np.dtype(np.float16) if dtype == torch.float16 else np.dtype(np.float32)
+
+def _check_image_names(images: Sequence[str | os.PathLike]) -> list[str]:
+    """The image list as strings: not empty, no line breaks (``images.txt`` holds one per line)."""
+    names = [str(p) for p in images]
+    if not names:
+        raise DataError("cannot create a descriptor store for an empty image list")
+    bad = next((n for n in names if "\n" in n or "\r" in n), None)
+    if bad is not None:
+        raise DataError(f"image path {bad!r} contains a line break; rename the file")
+    return names
 
 
-_STATIC_KEYS = (
-    "format", "format_version", "created", "model", "settings", "dtype", "num_images", "images_file",
-    "images_sha256", "shard_size", "num_shards",
-)
+def _remove_store_files(root: Path) -> None:
+    """Remove the store's own files (``manifest.json`` first, so that no half-removed store looks valid)."""
+    (root / MANIFEST).unlink(missing_ok=True)
+    for p in root.iterdir():
+        if p.name in (IMAGES, LOCK, *CONSOLIDATED) or OWN_FILE_RE.match(p.name):
+            p.unlink(missing_ok=True)
+
 
 __all__ = ["DescriptorStore", "Failure", "images_digest", "FORMAT", "FORMAT_VERSION", "DEFAULT_SHARD_SIZE"]
