@@ -36,7 +36,7 @@ def register(subparsers: Any) -> None:
         help="mAP / mP@k (revisited protocol) of ranks or descriptors",
         description=(
             "Score retrieval results with the revisited Oxford/Paris protocol (easy, medium, hard): "
-            "mAP and mean precision at k, exactly as the reference code (SPEC §5). Give either ranked "
+            "mAP and mean precision at k, exactly as the reference code (revisitop). Give either ranked "
             "lists (--ranks) or descriptors (--queries and --database, optionally --distractors)."
         ),
     )

@@ -1,29 +1,11 @@
 """Metrics of the revisited protocol (Radenović et al., CVPR 2018): AP, mAP and mP@k, exactly.
 
-The numbers are those of the reference ``compute_map`` of revisitop/cirtorch (SPEC §5), with its
-floating-point operations done in the same order so that results agree bit for bit, and with the
-fixes SPEC §5 names:
-
-- a query without positives gets AP = P@k = NaN and is left out of the means;
-- a truncated ranked list that holds none of a query's positives gives AP = 0 and P@k = 0 (the
-  reference crashes there); positives missing from a truncated list contribute nothing;
-- junk images are removed from the ranked list: each positive moves up by the number of junk
-  images ranked before it.
-
-Two ways in:
-
-- **ranks** (:func:`compute_map`, :func:`evaluate`): an int array ``(n_ranked, n_queries)``, best
-  first (the reference layout); indices ``>= len(imlist)`` are distractors; ``n_ranked`` may be
-  smaller than the database (a truncated list).
-- **scores** (:func:`positions_from_scores`, :func:`evaluate_scores`): query-vs-database
-  similarities, whole or as consecutive column blocks. No sort of the collection is needed: the
-  position of a ground-truth image is the number of images ranked before it, which is counted
-  block by block. This is what makes +1M evaluation fast and memory-light.
-
-**Tie rule.** Images are ranked by decreasing score; images with *equal* scores are ranked by
-increasing database index (the order of a stable sort of ``-scores``, ``np.argsort(-s,
-kind="stable")``). :func:`dtop.retrieval.search.search` returns top-k lists in the same order, so the
-scores path and the ranks path give identical results.
+The numbers agree bit for bit with the reference ``compute_map`` of revisitop/cirtorch, with two
+fixes: a query without positives is left out of the means (AP = P@k = NaN), and a truncated list
+holding none of a query's positives gives AP = P@k = 0. Ranked lists go in through
+:func:`evaluate`; similarity scores through :func:`evaluate_scores`, which needs no sort of the
+collection. Equal scores rank by increasing database index (the order of
+:func:`dtop.retrieval.search.search`). Details: docs/retrieval.md.
 """
 
 from __future__ import annotations
@@ -195,7 +177,7 @@ def _positions_in_ranks(column: np.ndarray, pos: np.ndarray, junk: np.ndarray) -
 def compute_map(
     ranks: Any, gnd_protocol: Any, kappas: Sequence[int] = ()
 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-    """mAP and mP@k of ranked lists, with the reference semantics (and fixes) of SPEC §5.
+    """mAP and mP@k of ranked lists, with the reference semantics and the fixes of the module docstring.
 
     ``ranks``: int array ``(n_ranked, n_queries)``, best first. ``gnd_protocol``: per query
     ``(positives, junk)`` (e.g. ``gnd.protocol("medium")``) or reference dicts with ``ok``/``junk``.
@@ -232,6 +214,22 @@ def _score_blocks(scores: Any) -> Iterable[torch.Tensor]:
         yield torch.as_tensor(block)
 
 
+def _ties_before(head: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per image of interest, the head images with an equal score and a smaller index (ranked first).
+
+    All such images lie in the head (indices below the image of interest), so they are counted
+    there: the position in a stable descending sort of the head minus the number of head images
+    scoring strictly higher.
+    """
+    nq, n_head = head.shape
+    ranking = torch.sort(head, dim=1, descending=True, stable=True).indices
+    rank_of = torch.empty_like(ranking)
+    rank_of.scatter_(1, ranking, torch.arange(n_head).expand(nq, n_head).contiguous())
+    ascending = torch.sort(head, dim=1).values
+    greater = n_head - torch.searchsorted(ascending, values.contiguous(), right=True)
+    return rank_of.gather(1, idx) - greater
+
+
 class _RankCounter:
     """Counts, block by block, how many images score strictly higher than each image of interest.
 
@@ -263,30 +261,27 @@ class _RankCounter:
             idx[q, : len(ix)] = torch.from_numpy(ix)
             valid[q, : len(ix)] = True
         values = head.gather(1, idx)
-        # Ties: an equal score with a smaller index ranks first. All such images lie in the head
-        # (indices below the image of interest), so count them there: the position in a stable
-        # descending sort of the head minus the number of head images scoring strictly higher.
-        n_head = head.shape[1]
-        ranking = torch.sort(head, dim=1, descending=True, stable=True).indices
-        rank_of = torch.empty_like(ranking)
-        rank_of.scatter_(1, ranking, torch.arange(n_head).expand(nq, n_head).contiguous())
-        ascending = torch.sort(head, dim=1).values
-        greater = n_head - torch.searchsorted(ascending, values.contiguous(), right=True)
-        ties_before = rank_of.gather(1, idx) - greater
+        ties_before = _ties_before(head, idx, values)
         # sort thresholds per query (padding +inf goes last)
         values = torch.where(valid, values, torch.full_like(values, math.inf))
         thr, order = torch.sort(values, dim=1, stable=True)
         self.order = order
         self.ties_before = ties_before.gather(1, order)
-        # cell map and look-up table (numpy from here on: in-place ufuncs on reused buffers are
-        # several times faster than allocating torch temporaries for every block)
+        self._build_lookup(thr.numpy(), valid.gather(1, order).numpy())
+
+    def _build_lookup(self, thr_np: np.ndarray, valid: np.ndarray) -> None:
+        """The cell map and look-up table of the sorted thresholds ``(n_queries, width)``.
+
+        numpy from here on: in-place ufuncs on reused buffers are several times faster than
+        allocating torch temporaries for every block.
+        """
+        nq, m = self.n_queries, self.width
         grid = int(min(1 << 16, max(1024, 32 * m)))
         self.grid = grid
         n_cells = grid + 3
         np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
         scale = np.ones((nq, 1), dtype=np_dtype)
         shift = np.zeros((nq, 1), dtype=np_dtype)
-        thr_np = thr.numpy()
         for q, size in enumerate(self.sizes):
             if size == 0:
                 continue
@@ -300,7 +295,7 @@ class _RankCounter:
         # +1 so that cells start at 0, and each query gets its own range of the look-up table
         self.cell_offsets = (np.arange(nq, dtype=np.int32) * n_cells + 1).reshape(nq, 1)
         cells = self._cells(thr_np, np.empty(thr_np.shape, np_dtype), np.empty(thr_np.shape, np.int32))
-        per_cell = np.bincount(cells[valid.gather(1, order).numpy()], minlength=nq * n_cells).reshape(nq, n_cells)
+        per_cell = np.bincount(cells[valid], minlength=nq * n_cells).reshape(nq, n_cells)
         upto = per_cell.cumsum(1)  # thresholds in cells <= c
         below = upto - per_cell  # thresholds in cells < c
         bin_offsets = (np.arange(nq, dtype=np.int64) * (m + 1)).reshape(nq, 1)
