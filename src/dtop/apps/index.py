@@ -18,7 +18,6 @@ import numpy as np
 
 from dtop import __version__
 from dtop.apps.index_format import (
-    ENGINES,
     FAISS_FILE_RE,
     FORMAT,
     FORMAT_VERSION,
@@ -502,5 +501,5 @@ def build_image_index(
 
 
 __all__ = [
-    "ImageIndex", "AddPlan", "AddReport", "SearchResult", "build_image_index", "FORMAT", "FORMAT_VERSION", "ENGINES",
+    "ImageIndex", "AddPlan", "AddReport", "SearchResult", "build_image_index", "FORMAT", "FORMAT_VERSION",
 ]

@@ -1,1 +1,1 @@
-"""Search, metrics (the revisited protocol) and post-processing of descriptors."""
+"""Search, metrics (the revisited protocol), post-processing and the descriptor store (docs/retrieval.md)."""

@@ -1,4 +1,4 @@
-"""A faiss index for inner-product search (optional dependency ``faiss-cpu`` / ``faiss-gpu``).
+"""A faiss index for inner-product search (optional dependency ``faiss-cpu``).
 
 :class:`FaissIndex` wraps an index built from a faiss index-factory string (``"Flat"`` is exact,
 ``"IVF4096,PQ64"``, ``"HNSW32"`` approximate) and returns results like
@@ -21,8 +21,8 @@ from dtop.retrieval.search import MAX_CHUNK, check_matrix
 from dtop.utils.io import atomic_path
 
 FAISS_INSTALL_HINT = (
-    "faiss is not installed; install it with `pip install faiss-cpu` (or `pip install 'dtop[faiss]'`; "
-    "`faiss-gpu` for GPUs), or use engine='torch' (exact search, no extra dependency)"
+    "faiss is not installed; install it with `pip install faiss-cpu` (or `pip install 'dtop[faiss]'`), "
+    "or use engine='torch' (exact search, no extra dependency)"
 )
 
 
@@ -39,8 +39,8 @@ class FaissIndex:
 
     ``"Flat"`` is exact; anything else (``"IVF1024,Flat"``, ``"IVF4096,PQ64"``, ``"HNSW32"``) is
     approximate and may need training (done on the first :meth:`add`, or call :meth:`train`).
-    ``search_params`` are faiss ParameterSpace settings, e.g. ``"nprobe=32"``. ``device="cuda"``
-    moves the index to all GPUs (needs ``faiss-gpu``).
+    ``search_params`` are faiss ParameterSpace settings, e.g. ``"nprobe=32"``. The index runs on
+    the CPU.
     """
 
     def __init__(
@@ -48,13 +48,10 @@ class FaissIndex:
         dim: int,
         factory: str = "Flat",
         search_params: str | None = None,
-        device: str | torch.device | None = None,
         index: Any = None,
     ) -> None:
         faiss = _import_faiss()
         self.faiss = faiss
-        self.factory = factory
-        self.search_params = search_params
         if index is None:
             try:
                 index = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
@@ -63,21 +60,14 @@ class FaissIndex:
                     f"faiss cannot build index '{factory}' for dimension {dim}: {str(err).strip()}; see "
                     "https://github.com/facebookresearch/faiss/wiki/The-index-factory ('Flat' is exact)"
                 ) from err
-        self.gpu = device is not None and torch.device(device).type == "cuda"
-        if self.gpu:
-            if not hasattr(faiss, "index_cpu_to_all_gpus") or faiss.get_num_gpus() == 0:
-                raise ConfigError("device='cuda' needs faiss-gpu and a visible GPU; use device='cpu'")
-            index = faiss.index_cpu_to_all_gpus(index)
         self.index = index
         if search_params:
-            self._apply_params(search_params)
-
-    def _apply_params(self, params: str) -> None:
-        space = self.faiss.GpuParameterSpace() if self.gpu else self.faiss.ParameterSpace()
-        try:
-            space.set_index_parameters(self.index, params)
-        except RuntimeError as err:
-            raise ConfigError(f"faiss rejects search parameters '{params}': {str(err).strip()}") from err
+            try:
+                faiss.ParameterSpace().set_index_parameters(index, search_params)
+            except RuntimeError as err:
+                raise ConfigError(
+                    f"faiss rejects search parameters '{search_params}': {str(err).strip()}"
+                ) from err
 
     @property
     def dim(self) -> int:
@@ -135,14 +125,11 @@ class FaissIndex:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the index with ``faiss.write_index`` (atomically)."""
-        index = self.faiss.index_gpu_to_cpu(self.index) if self.gpu else self.index
         with atomic_path(path) as tmp:
-            self.faiss.write_index(index, str(tmp))
+            self.faiss.write_index(self.index, str(tmp))
 
     @classmethod
-    def load(
-        cls, path: str | os.PathLike, search_params: str | None = None, device: str | torch.device | None = None
-    ) -> FaissIndex:
+    def load(cls, path: str | os.PathLike, search_params: str | None = None) -> FaissIndex:
         """Read an index written by :meth:`save` (or any faiss inner-product index)."""
         faiss = _import_faiss()
         path = Path(path)
@@ -154,4 +141,4 @@ class FaissIndex:
             raise DataError(f"{path}: not a readable faiss index ({str(err).strip()})") from err
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise DataError(f"{path}: the faiss index does not use inner-product similarity; rebuild it")
-        return cls(index.d, factory="<loaded>", search_params=search_params, device=device, index=index)
+        return cls(index.d, search_params=search_params, index=index)

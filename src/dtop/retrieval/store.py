@@ -524,4 +524,4 @@ def _remove_store_files(root: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-__all__ = ["DescriptorStore", "Failure", "images_digest", "FORMAT", "FORMAT_VERSION", "DEFAULT_SHARD_SIZE"]
+__all__ = ["DescriptorStore", "Failure"]
