@@ -1,29 +1,7 @@
-"""Hard-negative mining and the cirtorch SfM-120k tuple protocol (SPEC §4, Radenović et al. 2018).
+"""Hard-negative mining and the cirtorch SfM-120k tuple protocol: tuples ``(q, p, n1 … nk)``.
 
-A training *tuple* is ``(q, p, n1 … nk)``: a query image, its positive (given by the dataset's
-``qidxs``/``pidxs`` pairs) and k hard negatives re-mined every epoch with the current model.
-:class:`TupleSampler` reproduces cirtorch's ``TuplesDataset.create_epoch_tuple``:
-
-1. draw ``num_queries`` of the (query, positive) pairs and a pool of ``pool_size`` images drawn
-   from all images, uniformly without replacement (deterministic for ``seed`` and epoch);
-2. compute descriptors of the drawn queries and of the pool with the current model (a callable
-   the trainer supplies: ``describe(image_indices) -> (n, d)``);
-3. for each query take, in order of decreasing similarity, the pool images whose cluster differs
-   from the query's, **at most one per cluster** (:func:`mine_hard_negatives`).
-
-**Batching.** A batch is a few tuples (cirtorch: 5 tuples of 1 + 1 + 5 images); the sampler yields
-tuples of image indices, the trainer groups ``tuples_per_batch`` of them. cirtorch forwards the
-images one by one at their own size; dtop forwards all images of a batch as *one* tensor: every
-image of the batch is resized to one common size :func:`common_size` (longer side ``train_size``,
-aspect ratio the median of the batch's images, sides multiples of 16), which the images of
-different aspect ratio in a tuple make necessary (group-size bucketing cannot apply to tuples).
-The descriptors, in tuple order, go to :meth:`dtop.engine.losses.ContrastiveLoss.tuple_loss`.
-
-**Distributed.** All ranks draw the same queries and pool (same ``seed`` and epoch). ``describe``
-must return the same descriptors on every rank (e.g. each rank embeds a shard and the trainer
-all-gathers), or rank 0 mines and broadcasts :attr:`TupleSampler.negatives`. Rank ``r`` of ``w``
-iterates over tuples ``r, r + w, …`` of the epoch, the last ``len % w`` tuples dropped so that
-all ranks run the same number of steps (nothing is dropped on one process).
+:class:`TupleSampler` draws and mines an epoch's tuples, :class:`TupleBatchSampler` batches them at
+one common size. The protocol, batching and distributed rules are in docs/engine.md.
 """
 
 from __future__ import annotations
@@ -115,8 +93,8 @@ def mine_hard_negatives(
     todo = torch.arange(nq)
     width = min(n_pool, max(64, 8 * k))
     while len(todo):
-        scores, idx = search(q[todo], pool, width, chunk_size=chunk_size, device=device)
-        scores, idx = torch.from_numpy(scores).float(), torch.from_numpy(idx)
+        found_scores, found = search(q[todo], pool, width, chunk_size=chunk_size, device=device)
+        scores, idx = torch.from_numpy(found_scores).float(), torch.from_numpy(found)
         take = _first_per_cluster(pc[idx], qc[todo], k)
         done = take.sum(dim=1) == k
         rows = todo[done]
@@ -167,15 +145,15 @@ class TupleSampler:
     (given here or to :meth:`mine`), a callable mapping a list of image indices to descriptors
     ``(n, d)`` of the current model. Iteration yields tuples ``(q, p, n1 … nk)`` of image indices.
     :meth:`state_dict` holds the epoch, the mined negatives and the position, so that a resumed run
-    continues the epoch with the same tuples, without re-mining. See the module docstring for
-    batching and distributed training.
+    continues the epoch with the same tuples, without re-mining. Batching and distributed
+    training: docs/engine.md.
     """
 
     def __init__(
         self,
-        qidxs: Sequence[int],
-        pidxs: Sequence[int],
-        clusters: Sequence[int],
+        qidxs: Sequence[int] | np.ndarray,
+        pidxs: Sequence[int] | np.ndarray,
+        clusters: Sequence[int] | np.ndarray,
         num_queries: int | None = 2000,
         pool_size: int = 20000,
         num_negatives: int = 5,
@@ -350,18 +328,18 @@ class TupleSampler:
 # ------------------------------------------------------------------------------ batches of tuples
 
 
-def pairs_from_labels(labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def pairs_from_labels(labels: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(query, positive) pairs for a labelled set without given tuples (a folder or CSV dataset).
 
     Every image of a class with at least two images is a query; its positive is the next image of
     its class (cyclically, in dataset order), so each pair is deterministic and every such image
     is a positive once. Returns ``(qidxs, pidxs)`` int64 arrays.
     """
-    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    order = np.argsort(labels, kind="stable")
-    sorted_labels = labels[order]
+    ids = np.asarray(labels, dtype=np.int64).reshape(-1)
+    order = np.argsort(ids, kind="stable")
+    sorted_labels = ids[order]
     starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
-    ends = np.r_[starts[1:], len(labels)]
+    ends = np.r_[starts[1:], len(ids)]
     qidxs, pidxs = [], []
     for s, e in zip(starts, ends, strict=True):
         if e - s < 2:

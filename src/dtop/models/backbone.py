@@ -1,15 +1,14 @@
-"""Backbones: timm VisionTransformers (plain or CNN-stem hybrids) and timm CNNs.
+"""Backbones: timm VisionTransformers (plain or CNN-stem hybrids) and timm CNNs, unchanged.
 
-The backbone is timm's own module, unchanged, so that published ImageNet checkpoints load with a
-strict key match. dtop only (1) pads inputs to a multiple of the token stride, (2) loads weights,
-and (3) inserts locality modules (``locality.py``) *after* the weights are loaded; the inserted
-parameters are the only keys a timm state dict does not have.
+dtop pads inputs to the token stride, loads weights with a strict key match and inserts locality
+modules after loading (docs/models.md).
 """
 
 from __future__ import annotations
 
 import difflib
 from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +18,14 @@ from dtop.errors import CheckpointError, ConfigError
 from dtop.models.config import ModelConfig
 from dtop.models.weights import is_weights_path, pretrained_state_dict, read_state_dict, state_dict_mismatches
 
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Input statistics of a ``hybrid`` backbone (those of timm's R50+ViT hybrids).
+HYBRID_MEAN = (0.5, 0.5, 0.5)
+HYBRID_STD = (0.5, 0.5, 0.5)
 
 
 def _timm_create(name: str, user_args: dict, **kwargs) -> nn.Module:
@@ -51,7 +56,7 @@ def _hybrid_embed_cls():
     return HybridEmbed
 
 
-def create_vit(config: ModelConfig) -> nn.Module:
+def create_vit(config: ModelConfig) -> VisionTransformer:
     """Create the (randomly initialised) timm VisionTransformer of ``config``, without classifier."""
     from timm.models.vision_transformer import VisionTransformer
 
@@ -61,8 +66,10 @@ def create_vit(config: ModelConfig) -> nn.Module:
         from timm.layers import StdConv2dSame
         from timm.models.resnetv2 import ResNetV2
 
+        if not config.stem_layers:
+            raise ConfigError("backbone 'hybrid' needs model.stem_layers (ResNetV2 blocks per stage, e.g. [1, 1, 1])")
         stem = ResNetV2(
-            layers=tuple(config.stem_layers),
+            layers=list(config.stem_layers),
             num_classes=0,
             global_pool="",
             preact=False,
@@ -71,20 +78,18 @@ def create_vit(config: ModelConfig) -> nn.Module:
         )
         kwargs.setdefault("img_size", 224)
         try:
-            vit = VisionTransformer(patch_size=1, embed_layer=partial(_hybrid_embed_cls(), backbone=stem), **kwargs)
+            return VisionTransformer(patch_size=1, embed_layer=partial(_hybrid_embed_cls(), backbone=stem), **kwargs)
         except TypeError as err:
             raise ConfigError(
                 f"model.backbone_args {config.backbone_args} are not VisionTransformer arguments: {err}"
             ) from err
-        vit.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
-    else:
-        vit = _timm_create(config.backbone, config.backbone_args, **kwargs)
-    if not isinstance(vit, VisionTransformer):
+    model = _timm_create(config.backbone, config.backbone_args, **kwargs)
+    if not isinstance(model, VisionTransformer):
         raise ConfigError(
-            f"backbone {config.backbone!r} is a {type(vit).__name__}, not a timm VisionTransformer; "
+            f"backbone {config.backbone!r} is a {type(model).__name__}, not a timm VisionTransformer; "
             f"arch {config.arch!r} needs a ViT (use arch 'gem-cnn' for CNNs)"
         )
-    return vit
+    return model
 
 
 def create_cnn(config: ModelConfig) -> nn.Module:
@@ -103,11 +108,12 @@ def load_backbone_weights(model: nn.Module, state_dict: dict[str, torch.Tensor],
     Classifier weights (``head.*``/``fc.*``/``classifier.*``) that the feature extractor does not
     have are dropped; position embeddings of another grid size are resampled (timm's filter).
     """
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
     own = model.state_dict()
     state = {k: v for k, v in state_dict.items() if k in own or not _is_classifier_key(k)}
-    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
-        from timm.models.vision_transformer import checkpoint_filter_fn
-
+    if isinstance(model, VisionTransformer) and "pos_embed" in state and "pos_embed" in own \
+            and state["pos_embed"].shape != own["pos_embed"].shape:
         state = checkpoint_filter_fn(state, model)
     parts = state_dict_mismatches(own, state)
     if parts:
@@ -138,7 +144,9 @@ def load_pretrained(model: nn.Module, config: ModelConfig) -> None:
 
 def resolve_normalisation(model: nn.Module, config: ModelConfig) -> tuple[list[float], list[float]]:
     """Input mean/std: the config's, else the backbone's pretrained statistics."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
+    cfg: dict[str, Any] = getattr(model, "pretrained_cfg", None) or {}
+    if config.backbone == "hybrid":
+        cfg = {"mean": HYBRID_MEAN, "std": HYBRID_STD}
     mean = config.mean or list(cfg.get("mean", IMAGENET_MEAN))
     std = config.std or list(cfg.get("std", IMAGENET_STD))
     return [float(m) for m in mean], [float(s) for s in std]
@@ -157,9 +165,9 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return x
 
 
-def vit_stride(vit: nn.Module) -> int:
+def vit_stride(vit: VisionTransformer) -> int:
     """Pixels per token side of a timm ViT (16 for the R50 hybrid and ViT-B/16)."""
-    pe = vit.patch_embed
+    pe: Any = vit.patch_embed  # timm's PatchEmbed, or HybridEmbed (a CNN stem) with feat_ratio()
     if hasattr(pe, "feat_ratio"):
         return int(pe.feat_ratio())
     return int(pe.patch_size[0])

@@ -1,4 +1,4 @@
-"""Baselines of the paper's comparisons, built by the same factory (SPEC §3.7).
+"""Baselines of the paper's comparisons, built by the same factory.
 
 * ``cls``: the last block's [CLS] token (after the final norm) of any timm ViT.
 * ``gem-tokens``: GeM over the last block's patch tokens (after the final norm).
@@ -8,6 +8,8 @@ Each is followed by an optional Linear to ``dim`` and L2 normalisation.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,6 +26,9 @@ from dtop.models.base import RetrievalModel
 from dtop.models.config import ModelConfig
 from dtop.models.dtop import STEM_PREFIXES
 from dtop.models.layers import GeM, l2n
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 CNN_STEM_PREFIXES = ("conv1", "bn1", "stem")
 
@@ -57,6 +62,8 @@ class _ProjectedBaseline(RetrievalModel):
 
 
 class _VitBaseline(_ProjectedBaseline):
+    backbone: VisionTransformer
+
     def __init__(self, config: ModelConfig):
         vit = create_vit(config)
         load_pretrained(vit, config)
@@ -96,6 +103,9 @@ class GemTokensBaseline(_VitBaseline):
 class GemCnnBaseline(_ProjectedBaseline):
     """GeM over the last feature map of a timm CNN."""
 
+    #: any timm CNN (timm's CNNs share no base class): ``forward_features`` and ``num_features``
+    backbone: Any
+
     def __init__(self, config: ModelConfig):
         cnn = create_cnn(config)
         load_pretrained(cnn, config)
@@ -103,7 +113,7 @@ class GemCnnBaseline(_ProjectedBaseline):
         super().__init__(config, mean, std)
         self.backbone = cnn
         self.pool = GeM(config.gem_p, trainable=config.gem_p_trainable)
-        self._init_tail(cnn.num_features)
+        self._init_tail(int(self.backbone.num_features))  # channels of the last feature map
 
     def pooled(self, images: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return self.pool(self.backbone.forward_features(images))

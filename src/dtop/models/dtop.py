@@ -1,10 +1,13 @@
-"""DToP: deep token pooling over a (hybrid) vision transformer (SPEC §2, §3)."""
+"""DToP: deep token pooling over a (hybrid) vision transformer."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
+from dtop.errors import ConfigError
 from dtop.models.backbone import (
     create_vit,
     load_pretrained,
@@ -17,6 +20,9 @@ from dtop.models.base import RetrievalModel
 from dtop.models.config import ModelConfig
 from dtop.models.layers import GeM, LayerNorm2d, SpatialAttention, l2n
 from dtop.models.locality import apply_locality, is_locality_param
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 STEM_PREFIXES = ("patch_embed", "cls_token", "reg_token", "pos_embed", "norm_pre")
 
@@ -69,10 +75,12 @@ class Fusion(nn.Module):
         self.fc = nn.Linear(width, out_dim)
 
     def forward(self, g: torch.Tensor | None, l: torch.Tensor | None) -> torch.Tensor:  # noqa: D102, E741
-        if self.branches == "global":
+        if self.branches == "global" and g is not None:
             return self.fc(g)
-        if self.branches == "local":
+        if self.branches == "local" and l is not None:
             return self.fc(l)
+        if g is None or l is None:
+            raise ValueError(f"fusion of branches {self.branches!r} got global={g is not None}, local={l is not None}")
         if self.mode == "orthogonal":
             g_sq = (g * g).sum(-1, keepdim=True).clamp(min=1e-6)
             l = l - (l * g).sum(-1, keepdim=True) / g_sq * g  # noqa: E741
@@ -89,7 +97,11 @@ class DToP(RetrievalModel):
     token stride) and returns descriptors (B, ``config.dim``).
     """
 
+    backbone: VisionTransformer
+
     def __init__(self, config: ModelConfig):
+        if config.dim is None:
+            raise ConfigError("model.dim must be set for arch 'dtop' (the fused descriptor size)")
         vit = create_vit(config)
         load_pretrained(vit, config)
         mean, std = resolve_normalisation(vit, config)
@@ -118,7 +130,7 @@ class DToP(RetrievalModel):
 
     @property
     def descriptor_dim(self) -> int:  # noqa: D102
-        return self.config.dim
+        return self.fusion.fc.out_features
 
     def part_of(self, name: str) -> str:  # noqa: D102
         if not name.startswith("backbone."):
@@ -131,7 +143,8 @@ class DToP(RetrievalModel):
     def forward_taps(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The tapped blocks' [CLS] tokens (B, D) and patch-token maps (B, D, h, w), in block order."""
         x = pad_to_multiple(images, self.stride)
-        taps = self.backbone.forward_intermediates(
+        # intermediates only, with prefix tokens: one (patch map, prefix tokens) pair per tapped block
+        taps = cast(list[tuple[torch.Tensor, torch.Tensor]], self.backbone.forward_intermediates(
             x,
             indices=self.taps,
             return_prefix_tokens=True,
@@ -139,7 +152,7 @@ class DToP(RetrievalModel):
             stop_early=True,
             output_fmt="NCHW",
             intermediates_only=True,
-        )
+        ))
         maps = [spatial for spatial, _ in taps]
         cls_tokens = [prefix[:, 0] for _, prefix in taps]
         return cls_tokens, maps
@@ -149,15 +162,20 @@ class DToP(RetrievalModel):
 
         Parts of a branch the config leaves out are None.
         """
+        descriptor, parts = self._describe(images)
+        return {**parts, "descriptor": descriptor}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self._describe(images)[0]
+
+    def _describe(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        """The descriptor, and the parts ``global``, ``local``, ``attention`` it is made of."""
         cls_tokens, maps = self.forward_taps(images)
         g = self.global_branch(torch.cat(cls_tokens, dim=-1)) if self.global_branch is not None else None
         l, attention = None, None  # noqa: E741
         if self.local_branch is not None:
             l, attention = self.local_branch(torch.cat(maps, dim=1), return_attention=True)  # noqa: E741
-        return {"global": g, "local": l, "attention": attention, "descriptor": l2n(self.fusion(g, l))}
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.forward_parts(images)["descriptor"]
+        return l2n(self.fusion(g, l)), {"global": g, "local": l, "attention": attention}
 
     def extra_repr(self) -> str:  # noqa: D102
         c = self.config

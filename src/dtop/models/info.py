@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from dtop.models.base import RetrievalModel
+from dtop.models.dtop import DToP
 
 PARTS = ("stem", "encoder", "locality", "head")
 
@@ -42,15 +43,16 @@ def model_summary(model: RetrievalModel, height: int = 512, width: int = 384) ->
         "mean": model.mean,
         "std": model.std,
     }
-    if hasattr(model, "taps"):
+    if isinstance(model, DToP):
         summary["tapped_layers"] = list(model.taps)
         summary["fusion"] = cfg.fusion
         summary["locality"] = (
             cfg.locality if cfg.locality == "none" else f"{cfg.locality} in last {cfg.locality_blocks} blocks"
         )
-    if hasattr(model.backbone, "blocks"):
-        summary["blocks"] = len(model.backbone.blocks)
-        summary["width"] = model.backbone.embed_dim
+    blocks = getattr(model.backbone, "blocks", None)  # a ViT (a CNN has none)
+    if blocks is not None:
+        summary["blocks"] = len(blocks)
+        summary["width"] = int(getattr(model.backbone, "embed_dim", 0))
     return summary
 
 

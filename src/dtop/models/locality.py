@@ -1,29 +1,21 @@
-"""Locality enhancement of the deeper encoder blocks (SPEC §2.4, §3.6).
+"""Locality enhancement of the deeper encoder blocks: ``conv-ffn`` and ``local-attention``.
 
-Both variants are inserted into timm's own blocks *after* pretrained weights are loaded, keep the
-block's parameter names (so ``blocks.11.mlp.fc1.weight`` stays where timm put it), and add new
-parameters initialised so that the block computes exactly what it did before:
-
-* ``conv-ffn`` (:class:`ConvFFN`): a depth-wise 3x3 convolution over the patch-token grid inside the
-  MLP, after the first linear layer and activation (LocalViT-style), as a zero-initialised residual
-  path; prefix tokens ([CLS], registers) bypass it.
-* ``local-attention`` (:class:`LocalWindowAttention`): an additive attention bias
-  ``-strength * [chebyshev(i, j) > radius]`` between patch tokens, with one learnable
-  ``locality_strength`` per block initialised to 0; prefix tokens attend and are attended freely.
-  As the strength grows the bias becomes the hard window mask of radius r.
-
-The token grid of the current forward pass is recorded by a forward hook on ``patch_embed``
-(:class:`TokenGrid`), so the blocks need no extra arguments and timm's own ``forward_features`` and
-``forward_intermediates`` keep working.
+Both are inserted into timm's own blocks after the weights are loaded, keep the blocks' parameter
+names and start as the identity (docs/models.md).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dtop.errors import ConfigError
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 #: Name fragments of the parameters that locality enhancement adds to a timm backbone.
 LOCALITY_PARAM_NAMES = ("dwconv", "locality_strength")
@@ -41,12 +33,13 @@ class TokenGrid:
         self.num_prefix_tokens = num_prefix_tokens
         self.size: tuple[int, int] | None = None
 
-    def hook(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+    def hook(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
         """Forward hook for ``patch_embed``: its output is (B, h, w, C) with ``dynamic_img_size``."""
         if output.ndim == 4:
             self.size = (int(output.shape[1]), int(output.shape[2]))
         else:
-            self.size = tuple(int(s) for s in module.grid_size)
+            grid_size: Any = module.grid_size  # timm's PatchEmbed: (h, w) of its fixed image size
+            self.size = (int(grid_size[0]), int(grid_size[1]))
 
     def get(self) -> tuple[int, int]:
         """The recorded grid; fails if no forward pass has gone through ``patch_embed``."""
@@ -61,6 +54,14 @@ class TokenGrid:
 class ConvFFN(nn.Module):
     """timm's ``Mlp`` with a zero-initialised depth-wise 3x3 conv over the patch grid after fc1+act."""
 
+    # taken over from timm's Mlp under its own names (so its weights load into them)
+    fc1: nn.Linear
+    act: nn.Module
+    drop1: nn.Module
+    norm: nn.Module
+    fc2: nn.Module
+    drop2: nn.Module
+
     def __init__(self, mlp: nn.Module, grid: TokenGrid):
         super().__init__()
         for name in ("fc1", "act", "drop1", "norm", "fc2", "drop2"):
@@ -74,8 +75,8 @@ class ConvFFN(nn.Module):
             raise ConfigError(f"locality 'conv-ffn' needs a Linear fc1, found {type(self.fc1).__name__}")
         hidden = self.fc1.out_features
         self.dwconv = nn.Conv2d(hidden, hidden, kernel_size=3, padding=1, groups=hidden)
-        nn.init.zeros_(self.dwconv.weight)
-        nn.init.zeros_(self.dwconv.bias)
+        for param in self.dwconv.parameters():  # weight and bias
+            nn.init.zeros_(param)
         self.dwact = nn.GELU()  # GELU(0) = 0: the path adds exactly nothing at initialisation
         self._grid = grid
 
@@ -97,19 +98,30 @@ class ConvFFN(nn.Module):
 class LocalWindowAttention(nn.Module):
     """timm's ``Attention`` with a learnable window bias between patch tokens (zero at init)."""
 
+    # taken over from timm's Attention under its own names (so its weights load into them)
+    qkv: nn.Linear
+    q_norm: nn.Module
+    k_norm: nn.Module
+    attn_drop: nn.Dropout
+    proj: nn.Module
+    proj_drop: nn.Module
+    norm: nn.Module
+    gate: nn.Module | None
+
     def __init__(self, attn: nn.Module, grid: TokenGrid, radius: int):
         super().__init__()
-        for name in ("qkv", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop", "num_heads"):
-            if not hasattr(attn, name):
-                raise ConfigError(
-                    f"locality 'local-attention' needs timm's Attention (fused qkv), found {type(attn).__name__}"
-                )
-        self.qkv, self.q_norm, self.k_norm = attn.qkv, attn.q_norm, attn.k_norm
-        self.attn_drop, self.proj, self.proj_drop = attn.attn_drop, attn.proj, attn.proj_drop
+        names = ("qkv", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop", "num_heads")
+        if not all(hasattr(attn, name) for name in names):
+            raise ConfigError(
+                f"locality 'local-attention' needs timm's Attention (fused qkv), found {type(attn).__name__}"
+            )
+        parts: dict[str, Any] = {name: getattr(attn, name) for name in names}
+        for name in names[:-1]:
+            setattr(self, name, parts[name])
         self.norm = getattr(attn, "norm", nn.Identity())
         self.gate = getattr(attn, "gate", None)
-        self.num_heads = attn.num_heads
-        self.head_dim = getattr(attn, "head_dim", self.qkv.out_features // 3 // self.num_heads)
+        self.num_heads = int(parts["num_heads"])
+        self.head_dim = int(getattr(attn, "head_dim", self.qkv.out_features // 3 // self.num_heads))
         self.radius = radius
         self.locality_strength = nn.Parameter(torch.zeros(()))
         self._grid = grid
@@ -153,7 +165,7 @@ class LocalWindowAttention(nn.Module):
         return f"radius={self.radius}, strength={self.locality_strength.item():.4f}"
 
 
-def apply_locality(vit: nn.Module, kind: str, num_blocks: int, radius: int = 3) -> TokenGrid | None:
+def apply_locality(vit: VisionTransformer, kind: str, num_blocks: int, radius: int = 3) -> TokenGrid | None:
     """Insert locality enhancement into the last ``num_blocks`` blocks of a timm ViT, in place."""
     if kind == "none" or num_blocks == 0:
         return None
@@ -162,7 +174,8 @@ def apply_locality(vit: nn.Module, kind: str, num_blocks: int, radius: int = 3) 
         raise ConfigError(f"model.locality_blocks={num_blocks} exceeds the backbone's {depth} blocks")
     grid = TokenGrid(int(getattr(vit, "num_prefix_tokens", 1)))
     vit.patch_embed.register_forward_hook(grid.hook)
-    for block in list(vit.blocks)[depth - num_blocks:]:
+    blocks: list[Any] = list(vit.blocks)[depth - num_blocks:]  # timm blocks (Block, ResPostBlock, …)
+    for block in blocks:
         if kind == "conv-ffn":
             block.mlp = ConvFFN(block.mlp, grid)
         elif kind == "local-attention":

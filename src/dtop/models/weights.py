@@ -1,10 +1,4 @@
-"""Reading weights files safely and resolving ``pretrained`` specs (SPEC §3.1).
-
-Weights files are never unpickled: ``.safetensors`` is read with safetensors, ``.pth``/``.pt``/
-``.bin`` with ``torch.load(weights_only=True)``. Pretrained timm tags are looked up in the local
-Hugging Face cache first; the hub is only contacted when a quick connectivity probe succeeds, so an
-offline machine fails in seconds with a message that says how to pass a local file instead.
-"""
+"""Reading weights files without unpickling, and resolving ``pretrained`` specs (offline first)."""
 
 from __future__ import annotations
 
