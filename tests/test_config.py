@@ -1,6 +1,8 @@
 import pytest
 
-from dtop.config import apply_overrides, from_dict, load_config
+from dtop.config import NonNegativeFloat, PositiveInt, apply_overrides, from_dict, load_config
+from dtop.engine.settings import ExtractSettings, load_extract_settings
+from dtop.engine.train_config import load_train_config
 from dtop.errors import ConfigError
 from dtop.models import ModelConfig, resolve_model_config
 
@@ -75,3 +77,94 @@ def _configs():
     from dtop.models.factory import builtin_config_dir
 
     return builtin_config_dir()
+
+
+def test_a_choice_outside_the_literal_lists_the_choices_and_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"'model.fusion' must be one of concat, orthogonal, got 'orthogonl'; "
+                                          r"did you mean 'orthogonal'\?"):
+        from_dict(ModelConfig, {"fusion": "orthogonl"}, where="model")
+    with pytest.raises(ConfigError, match="optim.amp' must be one of auto, none, bf16, fp16"):
+        load_train_config(_train_configs() / "tiny.yaml", ["optim.amp=float16"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.epochs=0", "'optim.epochs' must be positive, got 0"),
+        ("optim.grad_clip=-1", "'optim.grad_clip' must be non-negative"),
+        ("loss.subcenters=0", "'loss.subcenters' must be positive"),
+        ("val.scales=[1.0, -0.5]", r"'val.scales\[1\]' must be positive"),
+        ("data.train_size=8", "'data.train_size' must be at least 16"),
+        ("model.dim=0", "'model.dim' must be positive"),
+    ],
+)
+def test_numbers_out_of_range_are_rejected(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(_train_configs() / "tiny.yaml", [override])
+
+
+def test_ints_become_floats_and_direct_construction_is_checked_too():
+    cfg = from_dict(ModelConfig, {"gem_p": 4, "mean": [0, 0, 1]}, where="model")
+    assert isinstance(cfg.gem_p, float) and cfg.mean == [0.0, 0.0, 1.0] and isinstance(cfg.mean[0], float)
+    assert isinstance(ModelConfig(gem_p=2).gem_p, float)  # no file: the same conversion
+    with pytest.raises(ConfigError, match="'model.locality_blocks' must be non-negative"):
+        ModelConfig(locality_blocks=-1)
+    with pytest.raises(ConfigError, match="'dtype' must be one of float32, float16"):
+        ExtractSettings(dtype="bf16")
+
+
+def test_literal_and_bounds_in_the_checker_itself():
+    from dataclasses import dataclass
+    from typing import Literal
+
+    @dataclass
+    class Small:
+        mode: Literal["fast", "exact"] = "fast"
+        count: PositiveInt = 1
+        rate: NonNegativeFloat = 0.0
+        limit: PositiveInt | None = None
+
+    assert from_dict(Small, {"rate": 0, "limit": None}) == Small(rate=0.0)
+    with pytest.raises(ConfigError, match="did you mean 'exact'"):
+        from_dict(Small, {"mode": "exac"})
+    with pytest.raises(ConfigError, match="must be one of fast, exact, got True"):
+        from_dict(Small, {"mode": True})
+    with pytest.raises(ConfigError, match="'count' must be positive, got -2"):
+        from_dict(Small, {"count": -2})
+    with pytest.raises(ConfigError, match="'limit' must be positive, got 0"):
+        from_dict(Small, {"limit": 0})
+    with pytest.raises(ConfigError, match="'count' must be of type int"):
+        from_dict(Small, {"count": 1.5})
+
+
+def test_every_shipped_config_loads():
+    from dtop.models import list_models
+
+    models = sorted(_configs().glob("*.yaml"))
+    assert models and {p.stem for p in models} <= set(list_models())
+    for path in models:
+        resolve_model_config(path)
+    trains = [p for p in sorted(_train_configs().glob("*.yaml")) if not p.name.startswith("_")]
+    assert len(trains) > 5
+    for path in trains:
+        load_train_config(path)
+
+
+def test_extraction_settings_from_yaml_and_overrides(tmp_path):
+    path = tmp_path / "extract.yaml"
+    path.write_text("image_size: 512\nscales: [1, 0.5]\ndtype: float16\n")
+    settings = load_extract_settings(path, ["exif_transpose=true"])
+    assert settings == ExtractSettings(image_size=512, scales=[1.0, 0.5], dtype="float16", exif_transpose=True)
+    assert load_extract_settings(None, ["image_size=256"]).image_size == 256
+    with pytest.raises(ConfigError, match="did you mean 'scales'"):
+        load_extract_settings(None, ["scale=[1.0]"])
+    with pytest.raises(ConfigError, match="'scales\\[0\\]' must be positive"):
+        load_extract_settings(path, ["scales=[0]"])
+    with pytest.raises(ConfigError, match="at least one"):
+        load_extract_settings(path, ["scales=[]"])
+    with pytest.raises(ConfigError, match="'image_size' must be at least 16"):
+        load_extract_settings(path, ["image_size=-1"])
+
+
+def _train_configs():
+    return _configs().parent / "train"

@@ -119,3 +119,19 @@ def test_ddp_two_gloo_processes_equal_one_process_with_accumulation(tmp_path, da
     assert ddp["step"] == one["step"] == 2
     for key, value in ddp["module"].items():
         torch.testing.assert_close(value, one["module"][key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_subcenter_arcface_gets_its_default_subcenters(tmp_path, data):
+    from dtop.engine.losses import ArcFaceLoss
+    from dtop.engine.train import build_loss
+
+    def loss_of(*overrides: str) -> ArcFaceLoss:
+        loss = build_loss(config(tmp_path, data, *overrides), embedding_dim=64, num_classes=6)
+        assert isinstance(loss, ArcFaceLoss)
+        return loss
+
+    assert loss_of("loss.name=subcenter-arcface").subcenters == 3  # not silently plain ArcFace
+    assert loss_of("loss.name=subcenter-arcface", "loss.subcenters=2").subcenters == 2
+    assert loss_of("loss.name=arcface").subcenters == 1
+    with pytest.raises(ConfigError, match="use loss.name=subcenter-arcface"):
+        config(tmp_path, data, "loss.name=arcface", "loss.subcenters=3")

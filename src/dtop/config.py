@@ -8,6 +8,9 @@ dataclasses.
   ``model.layers=[-2,-1]``); values are parsed as YAML, so ``none``/``null``, numbers, lists work.
 * :func:`from_dict` turns a mapping into a typed dataclass and rejects unknown keys and values
   of the wrong type with a message that names the key and suggests the closest valid one.
+* The field types say what is valid: ``Literal[...]`` for a choice, :data:`PositiveInt` and the
+  other :class:`AtLeast` aliases for bounded numbers; :func:`check_fields` applies them to a
+  dataclass built directly (configs call it in ``__post_init__``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 
@@ -28,8 +31,34 @@ from dtop.errors import ConfigError
 T = TypeVar("T")
 
 BASE_KEY = "_base_"
-#: Autocast modes of extraction and training: auto (bf16 on CUDA, off on the CPU), none, bf16, fp16.
-AMP_CHOICES: tuple[str, ...] = ("auto", "none", "bf16", "fp16")
+
+
+@dataclasses.dataclass(frozen=True)
+class AtLeast:
+    """A lower bound on a number, as ``Annotated[int, AtLeast(16)]`` in a config field's type."""
+
+    minimum: float
+    #: True: the value must be greater than ``minimum`` (``Positive``), not equal to it.
+    exclusive: bool = False
+
+    def describe(self) -> str:
+        """The bound in words: ``positive``, ``non-negative`` or ``at least N``."""
+        if self.minimum == 0:
+            return "positive" if self.exclusive else "non-negative (0 or more)"
+        return f"greater than {self.minimum:g}" if self.exclusive else f"at least {self.minimum:g}"
+
+    def check(self, value: float, key: str) -> None:
+        """Raise a ConfigError naming ``key`` unless ``value`` lies within the bound."""
+        if value < self.minimum or (self.exclusive and value == self.minimum):
+            raise ConfigError(f"config key {key!r} must be {self.describe()}, got {value!r}")
+
+
+Positive = AtLeast(0, exclusive=True)
+NonNegative = AtLeast(0)
+PositiveInt = Annotated[int, Positive]
+NonNegativeInt = Annotated[int, NonNegative]
+PositiveFloat = Annotated[float, Positive]
+NonNegativeFloat = Annotated[float, NonNegative]
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -114,25 +143,22 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
-    """Build the config dataclass ``cls`` from ``data``, checking keys and value types.
+    """Build the config dataclass ``cls`` from ``data``, checking keys and values.
 
     ``where`` names the section in error messages (e.g. ``"model"``).
     """
     data = dict(data or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    hints = typing.get_type_hints(cls)
+    hints = _field_hints(cls)
     prefix = f"{where}." if where else ""
-    unknown = [k for k in data if k not in fields]
+    unknown = [k for k in data if k not in hints]
     if unknown:
         key = unknown[0]
-        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        close = difflib.get_close_matches(str(key), list(hints), n=1)
         hint = f"; did you mean '{prefix}{close[0]}'?" if close else "."
         raise ConfigError(
-            f"unknown config key '{prefix}{key}'{hint} Valid keys: {', '.join(sorted(fields))}"
+            f"unknown config key '{prefix}{key}'{hint} Valid keys: {', '.join(sorted(hints))}"
         )
-    kwargs = {}
-    for key, value in data.items():
-        kwargs[key] = _check_type(value, hints[key], f"{prefix}{key}")
+    kwargs = {key: _check_type(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
@@ -141,12 +167,44 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
         raise ConfigError(f"invalid {where or cls.__name__} config: {err}") from err
 
 
+def check_fields(obj: Any, where: str = "") -> None:
+    """Check every field of the dataclass instance ``obj`` against its type (in place).
+
+    Values are converted as :func:`from_dict` converts them (ints to floats, tuples to lists), so a
+    config built directly is as valid as one read from a file. ``where`` prefixes the key names.
+    """
+    prefix = f"{where}." if where else ""
+    for name, hint in _field_hints(type(obj)).items():
+        object.__setattr__(obj, name, _check_type(getattr(obj, name), hint, f"{prefix}{name}"))
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _field_hints(cls: type) -> dict[str, Any]:
+    """Field name → resolved type hint (``Annotated`` kept) of a dataclass (cached per class)."""
+    if cls not in _HINTS:
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"{cls!r} is not a dataclass")
+        hints = typing.get_type_hints(cls, include_extras=True)
+        _HINTS[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return _HINTS[cls]
+
+
 def _check_type(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against a (simple) type hint, converting ints to floats where expected."""
+    """Check ``value`` against a type hint, converting ints to floats and tuples to lists."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if hint is Any:
         return value
+    if origin is Annotated:
+        value = _check_type(value, args[0], key)
+        for marker in args[1:]:
+            if isinstance(marker, AtLeast):
+                marker.check(value, key)
+        return value
+    if origin is Literal:
+        return _check_choice(value, args, key)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -184,3 +242,14 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
         return value
     name = getattr(hint, "__name__", str(hint))
     raise ConfigError(f"config key {key!r} must be of type {name}, got {value!r}")
+
+
+def _check_choice(value: Any, choices: tuple[Any, ...], key: str) -> Any:
+    """``value`` if it is one of the ``Literal`` choices, else a ConfigError suggesting the closest."""
+    # type() too: True == 1, but a YAML ``true`` is not the choice ``1``
+    if any(value == c and type(value) is type(c) for c in choices):
+        return value
+    names = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(value), names, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"config key {key!r} must be one of {', '.join(names)}, got {value!r}{hint}")

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+from typing import TYPE_CHECKING, Any, get_args
 
-from dtop.config import AMP_CHOICES
+from dtop.engine.settings import Amp, ExtractSettings, StorageDtype, load_extract_settings
 from dtop.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dtop.models.base import RetrievalModel
 
 
 def parse_size(text: str, *, min_height: int = 16, min_width: int = 16, option: str = "--size") -> tuple[int, int]:
@@ -30,53 +35,48 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="model config overrides key=value (configs only)")
 
 
-def add_extraction_args(p: argparse.ArgumentParser, image_size: int = 1024) -> None:
-    """Multi-scale extraction settings and runtime options."""
+def add_extraction_args(p: argparse.ArgumentParser) -> None:
+    """Multi-scale extraction settings (a YAML file and options over it) and runtime options."""
     g = p.add_argument_group("extraction")
-    g.add_argument("--image-size", type=int, default=image_size,
-                   help=f"longer side at scale 1 (default {image_size})")
+    defaults = ExtractSettings()
+    # None = not given: the --config file's value, else the default, applies
+    g.add_argument("--config", dest="extract_config", metavar="YAML",
+                   help="extraction settings file (image_size, scales, dtype, exif_transpose); "
+                   "the options below override it")
+    g.add_argument("--image-size", type=int, default=None,
+                   help=f"longer side at scale 1 (default {defaults.image_size})")
     g.add_argument("--scales", type=float, nargs="+", default=None,
                    help="scales averaged into one descriptor (default 1/√2 1 √2)")
-    g.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage precision")
-    g.add_argument("--exif-transpose", action="store_true", help="apply EXIF orientation (phone photos)")
+    g.add_argument("--dtype", choices=get_args(StorageDtype), default=None,
+                   help=f"storage precision (default {defaults.dtype})")
+    g.add_argument("--exif-transpose", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply EXIF orientation (phone photos; default off)")
     g.add_argument("--batch-size", type=int, default=8, help="images per forward pass (per size bucket)")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding workers")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="autocast (auto: bf16 on CUDA, off on CPU)")
+    g.add_argument("--amp", choices=get_args(Amp), default="auto", help="autocast (auto: bf16 on CUDA, off on CPU)")
     g.add_argument("--shard-size", type=int, default=1000, help="images per store shard (resume granularity)")
     g.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of failing")
     g.add_argument("--overwrite", action="store_true", help="replace a store made with another model/settings")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def settings_from_args(args: argparse.Namespace):
-    """The :class:`~dtop.engine.extract.ExtractSettings` of the parsed options."""
-    from dtop.engine.extract import DEFAULT_SCALES, ExtractSettings  # torch: imported when a command runs
+def settings_from_args(args: argparse.Namespace) -> ExtractSettings:
+    """The extraction settings of ``--config`` (or the defaults) with the options given over them."""
+    settings = load_extract_settings(args.extract_config)
+    given = {"image_size": args.image_size, "scales": args.scales, "dtype": args.dtype,
+             "exif_transpose": args.exif_transpose}
+    return dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
 
-    scales = list(args.scales) if args.scales is not None else list(DEFAULT_SCALES)
-    return ExtractSettings(image_size=args.image_size, scales=scales, dtype=args.dtype,
-                           exif_transpose=args.exif_transpose)
 
-
-def runtime_kwargs(args: argparse.Namespace) -> dict:
+def runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of :func:`dtop.engine.extract.extract_to_store` from the parsed options."""
     return dict(batch_size=args.batch_size, num_workers=args.workers, device=args.device, amp=args.amp,
                 skip_bad=args.skip_bad, shard_size=args.shard_size, overwrite=args.overwrite,
                 progress=not args.no_progress)
 
 
-def init_distributed() -> None:
-    """Join the process group when started by ``torchrun`` (NCCL on GPUs, gloo on CPUs)."""
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def load_cli_model(args: argparse.Namespace):
+def load_cli_model(args: argparse.Namespace) -> RetrievalModel:
     """The model named by ``--model`` (with overrides)."""
     from dtop.models import create_model
 

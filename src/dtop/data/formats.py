@@ -2,5 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 #: ``data.format`` of a training config and ``dtop data check --format``.
-TRAINING_FORMATS: tuple[str, ...] = ("sfm120k", "gldv2-clean", "gldv1", "folder", "csv")
+TrainingFormat = Literal["sfm120k", "gldv2-clean", "gldv1", "folder", "csv"]
+TRAINING_FORMATS: tuple[str, ...] = get_args(TrainingFormat)

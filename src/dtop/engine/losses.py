@@ -1,42 +1,13 @@
-"""Training losses (SPEC §4): (sub-center) ArcFace on class labels and the cirtorch contrastive loss.
+"""Training losses: (sub-center) ArcFace on class labels and the cirtorch contrastive loss.
 
-The math lives in plain functions (cirtorch style); the modules hold parameters and settings and
-have an informative ``repr``. :func:`build_loss` builds one by name.
-
-**ArcFace** (Deng et al., CVPR 2019). Embeddings and class centres are L2-normalised; the logit of
-class ``j`` is ``s · cos θ_j`` except for the target class ``y``, whose logit is ``s · cos(θ_y + m)``;
-the loss is the cross-entropy of these logits (mean over the batch).
-
-- *θ + m > π*: ``cos(θ + m)`` increases again in θ there, so a sample far from its centre would
-  get a *smaller* penalty. dtop uses the **threshold variant** of the reference implementation
-  (insightface ``ArcMarginProduct``, ``easy_margin=False``): where ``cos θ ≤ cos(π − m)``
-  (θ ≥ π − m) the target logit is ``s · (cos θ − m · sin m)`` (a CosFace-style additive cosine
-  margin) instead. The target logit is then decreasing in θ over the whole range; at the threshold
-  it steps down from −1 to ``−cos m − m·sin m`` (by ≈ 0.044 for m = 0.3). The alternative "easy
-  margin" (margin only where cos θ > 0) is not implemented.
-- *Numerics*: logits are computed in float32 with autocast disabled, whatever the input dtype
-  (bf16/fp16 AMP); cos θ is clamped to [-1, 1] and ``sin θ = sqrt(max(1 − cos² θ, 1e-12))`` so the
-  gradient stays finite at θ = 0 or π.
-
-**Sub-center ArcFace** (Deng et al., ECCV 2020): each class has ``K`` sub-centres; ``cos θ_j`` is
-the largest cosine to the K sub-centres of class ``j`` (the margin applies after that maximum). The
-weight matrix is ``(C·K, d)``, class ``j``'s sub-centres in rows ``j·K … j·K + K − 1``. With K = 1
-it is plain ArcFace. (The paper's later dropping of non-dominant sub-centres is not implemented.)
-
-**Contrastive loss** (cirtorch ``ContrastiveLoss``, Radenović et al.): for pairs ``(a, o)`` of
-L2-normalised vectors with Euclidean distance ``d``: ``0.5 · d²`` for a positive pair (target 1),
-``0.5 · max(0, margin − d)²`` for a negative pair (target 0), summed over pairs (cirtorch's
-reduction; ``reduction="mean"`` averages instead). As in cirtorch, ``d = ||a − o + eps||`` with
-``eps = 1e-6`` so the gradient is finite for identical vectors. For the SfM-120k tuple protocol
-(:mod:`dtop.engine.mining`) the descriptors of a batch of tuples ``(q, p, n1 … nk)`` are turned
-into pairs ``(q, p)``, ``(q, n1)`` … by :func:`tuple_pairs`; :meth:`ContrastiveLoss.tuple_loss`
-does both steps.
+The math lives in plain functions, the modules hold parameters and settings; :func:`build_loss`
+builds one by name. Definitions, variants and numerics: docs/engine.md.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +15,7 @@ from torch import nn
 
 from dtop.errors import ConfigError, DataError
 
-LOSSES: tuple[str, ...] = ("arcface", "subcenter-arcface", "contrastive")
+LossName = Literal["arcface", "subcenter-arcface", "contrastive"]
 DEFAULT_SUBCENTERS = 3  # Sub-center ArcFace paper's choice, used by build_loss("subcenter-arcface")
 SIN_EPS = 1e-12  # floor of 1 - cos² under the square root
 
@@ -125,7 +96,7 @@ def arcface_logits(
     ``embeddings`` (B, d) and ``weight`` (C·K, d) need not be normalised (they are normalised here).
     ``labels`` (B,) are class indices in [0, C); ``None`` gives the plain scaled cosines (no margin,
     e.g. for accuracy). ``subcenters`` K > 1: sub-center ArcFace (max over each class's K rows).
-    See the module docstring for the θ + m > π rule and numerics.
+    See docs/engine.md for the θ + m > π rule and numerics.
     """
     _check_arcface_args(margin, scale, subcenters)
     cos = cosine_logits(embeddings, weight, subcenters)
@@ -285,8 +256,8 @@ def build_loss(name: str, **kwargs: Any) -> nn.Module:
       ``embedding_dim``/``num_classes``/``scale``/``subcenters`` are accepted and ignored so that one
       call site can build any loss.
     """
-    if name not in LOSSES:
-        raise ConfigError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    if name not in get_args(LossName):
+        raise ConfigError(f"unknown loss {name!r}; choose one of {', '.join(get_args(LossName))}")
     if name == "contrastive":
         allowed = {"margin", "eps", "reduction"}
         ignored = {"embedding_dim", "num_classes", "scale", "subcenters"}

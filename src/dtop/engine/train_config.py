@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
-from dtop.config import AMP_CHOICES, from_dict, load_config
-from dtop.data.formats import TRAINING_FORMATS
+from dtop.config import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    check_fields,
+    from_dict,
+    load_config,
+)
+from dtop.data.formats import TrainingFormat
+from dtop.engine.losses import DEFAULT_SUBCENTERS, LossName
+from dtop.engine.settings import Amp, ImageSize
 from dtop.errors import ConfigError
 from dtop.models.config import ModelConfig
 
-LOSSES = ("arcface", "subcenter-arcface", "contrastive")
+#: How training images are resized into batches: aspect-ratio buckets, or a fixed square (baseline).
+Sampling = Literal["group-size", "square"]
 
 
 @dataclass
@@ -18,7 +31,7 @@ class DataConfig:
     """Where the training images are and how batches are formed."""
 
     #: sfm120k | gldv2-clean | gldv1 | folder (a folder per class) | csv (path,label)
-    format: str = "folder"
+    format: TrainingFormat = "folder"
     root: str = ""
     #: CSV file for format csv (paths relative to it), with these columns.
     csv: str | None = None
@@ -26,20 +39,17 @@ class DataConfig:
     label_column: str = "label"
     #: A file of landmark ids to leave out (GLDv2-clean without the ROxf/RPar overlap).
     exclude: str | None = None
-    min_images_per_class: int = 1
+    min_images_per_class: PositiveInt = 1
     #: Longer side of training images (group-size sampling: one common size per batch).
-    train_size: int = 512
+    train_size: ImageSize = 512
     #: group-size (aspect-ratio buckets) | square (fixed square resize, the baseline)
-    sampling: str = "group-size"
+    sampling: Sampling = "group-size"
     augment: bool = True
-    num_workers: int = 4
+    num_workers: NonNegativeInt = 4
 
     def __post_init__(self) -> None:
-        if self.format not in TRAINING_FORMATS:
-            raise ConfigError(f"data.format must be one of {', '.join(TRAINING_FORMATS)}, got {self.format!r}")
-        if self.sampling not in ("group-size", "square"):
-            raise ConfigError(f"data.sampling must be group-size or square, got {self.sampling!r}")
-        if self.train_size < 16 or self.train_size % 16:
+        check_fields(self, "data")
+        if self.train_size % 16:
             raise ConfigError(f"data.train_size must be a multiple of 16, got {self.train_size}")
 
 
@@ -48,7 +58,7 @@ class LossConfig:
     """The training loss.
 
     ``arcface`` / ``subcenter-arcface`` train on class labels with ``optim.batch_size`` images per
-    batch. ``contrastive`` runs the cirtorch tuple protocol (SPEC §4): each epoch ``num_queries``
+    batch. ``contrastive`` runs the cirtorch tuple protocol: each epoch ``num_queries``
     (query, positive) pairs and a pool of ``pool_size`` images are drawn, ``num_negatives`` hard
     negatives per query are mined with the current model, and a batch is ``optim.batch_size``
     *tuples* of ``2 + num_negatives`` images. Pairs come from the SfM-120k file, or from the class
@@ -56,27 +66,27 @@ class LossConfig:
     """
 
     #: arcface | subcenter-arcface | contrastive (the SfM-120k tuple protocol)
-    name: str = "arcface"
+    name: LossName = "arcface"
     #: ArcFace angular margin (default 0.3) or contrastive margin (default 0.7, cirtorch).
-    margin: float | None = None
+    margin: NonNegativeFloat | None = None
     #: ArcFace logit scale.
-    scale: float = 30.0
-    subcenters: int = 1
+    scale: PositiveFloat = 30.0
+    #: Centres per class of sub-center ArcFace (default 3); plain ArcFace has one.
+    subcenters: PositiveInt | None = None
     #: contrastive: (query, positive) pairs drawn per epoch (null: all), pool size, negatives per query.
-    num_queries: int | None = 2000
-    pool_size: int = 20000
-    num_negatives: int = 5
+    num_queries: PositiveInt | None = 2000
+    pool_size: PositiveInt = 20000
+    num_negatives: PositiveInt = 5
     #: contrastive: images per batch when describing queries and pool for mining.
-    mining_batch_size: int = 32
+    mining_batch_size: PositiveInt = 32
 
     def __post_init__(self) -> None:
-        if self.name not in LOSSES:
-            raise ConfigError(f"loss.name must be one of {', '.join(LOSSES)}, got {self.name!r}")
-        for name in ("pool_size", "num_negatives", "mining_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"loss.{name} must be at least 1, got {getattr(self, name)}")
-        if self.num_queries is not None and self.num_queries < 1:
-            raise ConfigError(f"loss.num_queries must be at least 1 (or null for all), got {self.num_queries}")
+        check_fields(self, "loss")
+        if self.name == "arcface" and self.subcenters not in (None, 1):
+            raise ConfigError(
+                f"loss 'arcface' has one centre per class (got loss.subcenters={self.subcenters}); "
+                "use loss.name=subcenter-arcface for several"
+            )
 
     def resolved_margin(self) -> float:
         """The margin: the configured one, else 0.7 for contrastive and 0.3 for ArcFace."""
@@ -84,35 +94,43 @@ class LossConfig:
             return float(self.margin)
         return 0.7 if self.name == "contrastive" else 0.3
 
+    def resolved_subcenters(self) -> int:
+        """Centres per class: the configured number, else 3 for sub-center ArcFace and 1 otherwise."""
+        return resolved_subcenters(self.name, self.subcenters)
+
+
+def resolved_subcenters(loss: str, subcenters: int | None) -> int:
+    """``loss.subcenters`` of loss ``loss``: as given, else 3 for subcenter-arcface and 1 otherwise."""
+    if subcenters is not None:
+        return subcenters
+    return DEFAULT_SUBCENTERS if loss == "subcenter-arcface" else 1
+
 
 @dataclass
 class OptimConfig:
     """AdamW, warm-up + cosine, clipping, AMP."""
 
-    epochs: int = 10
+    epochs: PositiveInt = 10
     #: Images per process per step (before accumulation).
-    batch_size: int = 32
+    batch_size: PositiveInt = 32
     #: Micro-batches accumulated per optimiser step.
-    accum_steps: int = 1
+    accum_steps: PositiveInt = 1
     #: Learning rate of the head (and loss weights, locality modules).
-    lr: float = 1e-4
+    lr: NonNegativeFloat = 1e-4
     #: Backbone learning rate = lr × this (the pretrained parts learn slower).
-    backbone_lr_mult: float = 0.1
-    weight_decay: float = 0.05
-    warmup_steps: int = 500
+    backbone_lr_mult: NonNegativeFloat = 0.1
+    weight_decay: NonNegativeFloat = 0.05
+    warmup_steps: NonNegativeInt = 500
     #: Cosine decays to lr × this.
-    min_lr_ratio: float = 0.01
+    min_lr_ratio: NonNegativeFloat = 0.01
     #: Max gradient norm (0 = no clipping).
-    grad_clip: float = 1.0
-    amp: str = "auto"
+    grad_clip: NonNegativeFloat = 1.0
+    #: auto (bf16 on CUDA, off on the CPU) | none | bf16 | fp16 (with a gradient scaler)
+    amp: Amp = "auto"
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        if self.amp not in AMP_CHOICES:
-            raise ConfigError(f"optim.amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
-        for name in ("epochs", "batch_size", "accum_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"optim.{name} must be at least 1")
+        check_fields(self, "optim")
 
 
 @dataclass
@@ -122,10 +140,13 @@ class ValConfig:
     #: roxford5k | rparis6k | a revisited-format folder | null (no validation)
     dataset: str | None = None
     data_root: str = "."
-    every_epochs: int = 1
-    image_size: int = 1024
-    scales: list[float] = field(default_factory=lambda: [1.0])
-    batch_size: int = 8
+    every_epochs: PositiveInt = 1
+    image_size: ImageSize = 1024
+    scales: list[PositiveFloat] = field(default_factory=lambda: [1.0])
+    batch_size: PositiveInt = 8
+
+    def __post_init__(self) -> None:
+        check_fields(self, "val")
 
 
 @dataclass
@@ -135,15 +156,18 @@ class RunConfig:
     out: str = "runs/train/default"
     seed: int = 0
     device: str = "auto"
-    log_every: int = 10
+    log_every: PositiveInt = 10
     #: Save a resumable checkpoint every this many optimiser steps (and at every epoch end).
-    save_every: int = 500
+    save_every: PositiveInt = 500
     #: Stop after this many optimiser steps (null = all epochs).
-    max_steps: int | None = None
-    #: Stop (after saving) when this much wall time has passed.
-    max_minutes: float | None = None
+    max_steps: PositiveInt | None = None
+    #: Stop (after saving) when this much wall time has passed (null = no limit).
+    max_minutes: PositiveFloat | None = None
     tensorboard: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(self, "run")
 
 
 @dataclass
@@ -170,6 +194,6 @@ def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{name: from_dict(cls, data.get(name), where=name) for name, cls in SECTIONS.items()})
 
 
-def load_train_config(path: str, overrides: list[str] = ()) -> TrainConfig:
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """Load a training config file with ``_base_`` composition and ``section.key=value`` overrides."""
     return train_config_from_dict(load_config(path, overrides))

@@ -1,16 +1,21 @@
-"""The typed configuration of every model dtop builds (SPEC §3)."""
+"""The typed configuration of every model dtop builds."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from dtop.config import NonNegativeInt, PositiveFloat, PositiveInt, check_fields
 from dtop.errors import ConfigError
 
-ARCHS = ("dtop", "cls", "gem-tokens", "gem-cnn")
-FUSIONS = ("concat", "orthogonal")
-LOCALITIES = ("none", "conv-ffn", "local-attention")
-BRANCHES = ("both", "global", "local")
+#: The DToP head, or a baseline.
+Arch = Literal["dtop", "cls", "gem-tokens", "gem-cnn"]
+#: How the global and local vectors are fused.
+Fusion = Literal["concat", "orthogonal"]
+#: Locality enhancement of the deeper encoder blocks.
+Locality = Literal["none", "conv-ffn", "local-attention"]
+#: Which branches form the descriptor (``global``/``local``: ablations).
+Branches = Literal["both", "global", "local"]
 
 
 @dataclass
@@ -21,65 +26,53 @@ class ModelConfig:
     """
 
     #: ``dtop`` (the DToP head), or a baseline: ``cls``, ``gem-tokens``, ``gem-cnn``.
-    arch: str = "dtop"
+    arch: Arch = "dtop"
     #: A timm model name (a VisionTransformer, or any CNN for ``gem-cnn``), or ``hybrid``: a
     #: ResNetV2 stem + ViT of your own shape (``stem_layers`` + ``backbone_args``) with timm's layout.
     backbone: str = "vit_base_r50_s16_384"
     #: Extra keyword arguments for the timm constructor (``depth``, ``embed_dim``, ``num_heads``, ...).
     backbone_args: dict[str, Any] = field(default_factory=dict)
     #: ResNetV2 blocks per stage of the stem when ``backbone: hybrid`` (timm's R50 hybrid: [3, 4, 9]).
-    stem_layers: list[int] | None = None
+    stem_layers: list[PositiveInt] | None = None
     #: ``none``, a timm pretrained tag (``orig_in21k_ft_in1k``; ``default`` = timm's default tag),
     #: or the path of a local weights file (.safetensors, .pth, .bin, or a dtop checkpoint).
     pretrained: str | None = None
     #: Encoder blocks whose outputs are tapped (negative = from the end).
     layers: list[int] = field(default_factory=lambda: [-4, -3, -2, -1])
     #: Descriptor dimension (None: no final projection, baselines only).
-    dim: int | None = 512
+    dim: PositiveInt | None = 512
     #: Output size of the global ([CLS]) branch.
-    global_dim: int = 512
+    global_dim: PositiveInt = 512
     #: Output size of the local (patch-token) branch.
-    local_dim: int = 512
+    local_dim: PositiveInt = 512
     #: Channels of the local branch's 1x1 reduction of the concatenated token maps.
-    local_channels: int = 512
+    local_channels: PositiveInt = 512
     #: Which branches form the descriptor: ``both`` (DToP), ``global`` or ``local`` (ablations).
-    branches: str = "both"
+    branches: Branches = "both"
     #: ``concat`` (Linear over [g; l]) or ``orthogonal`` (DOLG-style: l minus its projection on g).
-    fusion: str = "concat"
+    fusion: Fusion = "concat"
     #: Locality enhancement in the last ``locality_blocks`` blocks: none | conv-ffn | local-attention.
-    locality: str = "conv-ffn"
-    locality_blocks: int = 4
+    locality: Locality = "conv-ffn"
+    locality_blocks: NonNegativeInt = 4
     #: Window radius (in tokens, Chebyshev distance) of ``local-attention``.
-    locality_radius: int = 3
+    locality_radius: NonNegativeInt = 3
     #: Initial GeM exponent and whether it is learned.
-    gem_p: float = 3.0
+    gem_p: PositiveFloat = 3.0
     gem_p_trainable: bool = True
     #: Seed of the random initialisation (the same config always builds the same model).
     init_seed: int = 0
     #: Input normalisation; None = the backbone's pretrained statistics.
     mean: list[float] | None = None
-    std: list[float] | None = None
+    std: list[PositiveFloat] | None = None
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ConfigError(f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        if self.fusion not in FUSIONS:
-            raise ConfigError(f"model.fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
-        if self.branches not in BRANCHES:
-            raise ConfigError(f"model.branches must be one of {', '.join(BRANCHES)}, got {self.branches!r}")
-        if self.locality not in LOCALITIES:
-            raise ConfigError(f"model.locality must be one of {', '.join(LOCALITIES)}, got {self.locality!r}")
         if self.pretrained is not None and str(self.pretrained).lower() in ("none", "false", ""):
             self.pretrained = None
+        check_fields(self, "model")
         if not self.layers:
             raise ConfigError("model.layers must name at least one encoder block to tap")
         if len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"model.layers has repeated entries: {self.layers}")
-        for name in ("global_dim", "local_dim", "local_channels", "locality_blocks"):
-            if getattr(self, name) < (0 if name == "locality_blocks" else 1):
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.dim is not None and self.dim < 1:
-            raise ConfigError(f"model.dim must be positive or null, got {self.dim}")
         if self.arch == "dtop" and self.dim is None:
             raise ConfigError("model.dim must be set for arch 'dtop' (the fused descriptor size)")
         if self.fusion == "orthogonal" and self.global_dim != self.local_dim:
