@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from dtop.errors import CheckpointError, ConfigError, PretrainedWeightsUnavailable
-from dtop.models import build_model, load_model, load_weights, read_checkpoint, save_checkpoint
+from dtop.models import (
+    CheckpointExtra,
+    build_model,
+    load_model,
+    load_weights,
+    model_fingerprint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from dtop.models.weights import cached_hub_file, pretrained_state_dict
 
 
@@ -30,13 +38,54 @@ def test_round_trip_gives_identical_descriptors(tmp_path, tiny_model):
 
 def test_extras_round_trip(tmp_path, tiny_model):
     whitening = {"mean": torch.randn(64), "projection": torch.randn(32, 64)}
-    path = save_checkpoint(tiny_model, tmp_path / "m.safetensors", extras={"whitening": whitening},
-                           extras_metadata={"whitening": {"fitted_on": 100}})
+    path = save_checkpoint(tiny_model, tmp_path / "m.safetensors",
+                           extras={"whitening": CheckpointExtra(whitening, {"fitted_on": 100})})
     model = load_model(path)
     assert set(model.checkpoint_extras) == {"whitening"}
     for key, value in whitening.items():
-        assert torch.equal(model.checkpoint_extras["whitening"][key], value)
-    assert model.checkpoint_extras_metadata == {"whitening": {"fitted_on": 100}}
+        assert torch.equal(model.checkpoint_extras["whitening"].tensors[key], value)
+    assert model.checkpoint_extras["whitening"].metadata == {"fitted_on": 100}
+    # a loaded model saves its extras again by default
+    again = load_model(save_checkpoint(model, tmp_path / "again.safetensors"))
+    assert again.checkpoint_extras["whitening"].metadata == {"fitted_on": 100}
+    assert not tiny_model.checkpoint_extras  # a built model has none
+
+
+def test_fingerprint_survives_a_checkpoint_round_trip(tmp_path, tiny_model):
+    # as if built from pretrained weights: load_model clears `pretrained` (the weights are in the file)
+    tiny_model.config = dataclasses.replace(tiny_model.config, pretrained="orig_in21k_ft_in1k", gem_p=4)
+    loaded = load_model(save_checkpoint(tiny_model, tmp_path / "m.safetensors"))
+    assert loaded.config.pretrained is None
+    assert model_fingerprint(loaded) == model_fingerprint(tiny_model)
+
+
+def test_fingerprint_of_a_loaded_model_is_the_one_recorded_before(tmp_path, tiny_model):
+    # indexes, stores and evaluation caches recorded this (config + float32 weights) fingerprint
+    import hashlib
+
+    from dtop.config import to_dict
+
+    loaded = load_model(save_checkpoint(tiny_model, tmp_path / "m.safetensors"))
+    digest = hashlib.sha256(json.dumps(to_dict(loaded.config), sort_keys=True).encode())
+    for name, tensor in sorted(loaded.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    assert model_fingerprint(loaded) == digest.hexdigest()[:16]
+
+
+def test_fingerprint_follows_weights_and_config(tiny_model):
+    before = model_fingerprint(tiny_model)
+    assert model_fingerprint(build_model(dataclasses.replace(tiny_model.config, init_seed=1))) != before
+    original = tiny_model.fusion.fc.bias[0].item()
+    with torch.no_grad():
+        tiny_model.fusion.fc.bias[0] += 1e-3
+    assert model_fingerprint(tiny_model) != before
+    with torch.no_grad():
+        tiny_model.fusion.fc.bias[0] = original
+    assert model_fingerprint(tiny_model) == before
+    relaid = build_model(dataclasses.replace(tiny_model.config, locality_radius=5))  # same weights, other model
+    relaid.load_state_dict(tiny_model.state_dict())
+    assert model_fingerprint(relaid) != before
 
 
 def test_checkpoint_of_another_model_fails_naming_the_mismatch(tmp_path, tiny_model):

@@ -134,3 +134,20 @@ def test_results_table_columns_stay_aligned_with_long_names():
         assert row.startswith(name + " ")
         assert variant + " " in row
         assert row.split()[-5:] == [f"{100 * model['results'][variant]['easy']['map']:.2f}"] * 5
+
+
+def test_a_whitening_saved_in_the_checkpoint_is_used(tmp_path):
+    from dtop.engine.evaluate import _post_processing
+    from dtop.models import WHITENING_EXTRA, CheckpointExtra, load_model
+    from dtop.retrieval.postprocess import Whiten, fit_pca_whitening
+
+    model = build_model("dtop_tiny")
+    whitening = fit_pca_whitening(torch.randn(200, model.descriptor_dim), dim=16, fitted_on="train")
+    tensors, meta = whitening.to_state()
+    model.checkpoint_extras[WHITENING_EXTRA] = CheckpointExtra(tensors, meta)
+    loaded = load_model(save_checkpoint(model, tmp_path / "m.safetensors"))
+    pp = _post_processing(["whiten"], loaded)
+    step = next(iter(pp))
+    assert isinstance(step, Whiten) and step.fitted and step.whitening.output_dim == 16
+    assert torch.equal(step.whitening.mean, whitening.mean)
+    assert not next(iter(_post_processing(["whiten"], build_model("dtop_tiny")))).fitted  # none saved: fit later

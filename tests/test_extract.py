@@ -222,3 +222,36 @@ def test_a_batch_with_an_unplanned_shape_is_split_and_still_exact(tmp_path, mode
     out = collate_groups([(0, 0, t(48, 64)), (0, 1, t(64, 48)), (0, 2, t(48, 64))])
     assert [ix.tolist() for ix, _ in out["groups"]] == [[0, 2], [1]]
     assert [tuple(xs[0].shape) for _, xs in out["groups"]] == [(2, 3, 48, 64), (1, 3, 64, 48)]
+
+
+def test_cli_settings_come_from_a_yaml_file_with_options_over_it(tmp_path, capsys):
+    from dtop.cli.main import main
+    from dtop.retrieval.store import DescriptorStore
+
+    make_images(tmp_path / "im", 3)
+    config = tmp_path / "extract.yaml"
+    config.write_text("image_size: 64\nscales: [0.75, 1.0]\ndtype: float16\nexif_transpose: true\n")
+    args = ["extract", "--model", "dtop_tiny", "--images", str(tmp_path / "im"), "--out", str(tmp_path / "store"),
+            "--config", str(config), "--scales", "1", "--no-exif-transpose", "--workers", "0", "--no-progress"]
+    assert main(args) == 0
+    settings = DescriptorStore.open(tmp_path / "store").settings
+    assert settings["image_size"] == 64 and settings["dtype"] == "float16"  # from the file
+    assert settings["scales"] == [1.0] and settings["exif_transpose"] is False  # the options win
+    config.write_text("image_size: 64\ndtype: bfloat16\n")
+    assert main(args) == 2
+    assert "did you mean 'float16'" in capsys.readouterr().err
+
+
+def test_runtime_resolves_device_and_autocast_once_for_all_users():
+    from dtop.engine.runtime import amp_dtype, autocast_context, init_distributed, resolve_amp
+    from dtop.errors import ConfigError
+
+    runtime = init_distributed("cpu")  # no torchrun: one process
+    assert (runtime.rank, runtime.world, runtime.device) == (0, 1, torch.device("cpu"))
+    assert resolve_amp("auto", torch.device("cpu")) == "none"
+    assert resolve_amp("auto", torch.device("cuda")) == "bf16"
+    assert amp_dtype("fp16", torch.device("cpu")) == torch.float16
+    with autocast_context(torch.device("cpu"), "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="amp must be one of auto, none, bf16, fp16"):
+        resolve_amp("half", torch.device("cpu"))

@@ -203,3 +203,12 @@ def test_bad_configs_fail_clearly(changes, message):
 def test_repr_is_informative(tiny_model):
     text = repr(tiny_model)
     assert "taps=[2, 3]" in text and "locality=conv-ffnx2" in text and "GeM(p=3.0000" in text
+
+
+def test_every_arch_choice_has_a_model_class():
+    from typing import get_args
+
+    from dtop.models.config import Arch
+    from dtop.models.factory import ARCH_REGISTRY
+
+    assert set(ARCH_REGISTRY) == set(get_args(Arch))

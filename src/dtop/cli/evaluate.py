@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dtop.cli.common import add_extraction_args, init_distributed, runtime_kwargs, settings_from_args
+from dtop.cli.common import add_extraction_args, runtime_kwargs, settings_from_args
 
 
 def model_name(spec: str) -> str:
@@ -17,9 +17,10 @@ def model_name(spec: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """Evaluate every ``--model`` and print the standard table."""
     from dtop.engine.evaluate import format_table, run_evaluation
+    from dtop.engine.runtime import init_distributed
     from dtop.models import create_model
 
-    init_distributed()
+    init_distributed(args.device)
     models = []
     for spec in args.model:
         model = create_model(spec, list(args.overrides or []))

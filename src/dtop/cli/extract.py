@@ -7,7 +7,6 @@ import argparse
 from dtop.cli.common import (
     add_extraction_args,
     add_model_args,
-    init_distributed,
     load_cli_model,
     runtime_kwargs,
     settings_from_args,
@@ -19,8 +18,9 @@ def run(args: argparse.Namespace) -> int:
     """Extract and report the store."""
     from dtop.data.folders import read_image_list
     from dtop.engine.extract import extract_to_store
+    from dtop.engine.runtime import init_distributed
 
-    init_distributed()
+    init_distributed(args.device)
     bbxs = None
     if args.dataset:
         from dtop.data.revisited import RevisitedDataset

@@ -1,10 +1,6 @@
-"""The evaluation pipeline: extract → (post-process) → search → score, on a revisited benchmark.
+"""The evaluation pipeline on a revisited benchmark: extract → (post-process) → search → score.
 
-Descriptor stores are cached per model fingerprint and extraction settings under ``cache_dir``
-(``<cache>/<fingerprint>/<settings digest>/<dataset>-queries`` …), so a second evaluation of the
-same model reuses them, and the +1M distractor store is shared by ROxford and RParis.
-Scores are computed in chunks and the protocol positions are counted without sorting
-(:func:`dtop.retrieval.metrics.evaluate_scores`); only the top ``topk`` ranks are kept for reports.
+Descriptor stores are cached per model fingerprint and extraction settings (see docs/engine.md).
 """
 
 from __future__ import annotations
@@ -23,10 +19,12 @@ import torch
 
 from dtop import __version__
 from dtop.data.revisited import RevisitedDataset, load_r1m_list
-from dtop.engine.extract import ExtractSettings, extract_to_store, model_fingerprint
-from dtop.models.base import RetrievalModel
+from dtop.engine.extract import extract_to_store
+from dtop.engine.settings import ExtractSettings
+from dtop.models.base import WHITENING_EXTRA, RetrievalModel
+from dtop.models.identity import model_fingerprint
 from dtop.retrieval.metrics import PROTOCOLS, evaluate_scores
-from dtop.retrieval.postprocess import PostProcessing, Whitening
+from dtop.retrieval.postprocess import PostProcessing, Whiten, Whitening
 from dtop.retrieval.search import iter_scores, search, to_ranks
 from dtop.utils.io import atomic_path, write_json, write_text
 
@@ -45,13 +43,14 @@ def dataset_tag(dataset: RevisitedDataset) -> str:
 
 
 def _post_processing(post: list[str] | None, model: RetrievalModel) -> PostProcessing | None:
+    """The post-processing steps of ``post``; an unfitted whitening takes the checkpoint's one."""
     if not post:
         return None
     pp = PostProcessing.from_config(post)
-    extras = getattr(model, "checkpoint_extras", {}) or {}
-    if "whiten" in [step.name for step in pp] and "whitening" in extras and not pp["whiten"].fitted:
-        meta = (getattr(model, "checkpoint_extras_metadata", {}) or {}).get("whitening", {})
-        pp["whiten"].whitening = Whitening.from_state(extras["whitening"], meta)
+    saved = model.checkpoint_extras.get(WHITENING_EXTRA)
+    for step in pp:
+        if isinstance(step, Whiten) and saved is not None and not step.fitted:
+            step.whitening = Whitening.from_state(saved.tensors, saved.metadata)
     return pp
 
 
@@ -74,26 +73,11 @@ def evaluate_model(
     settings = settings or ExtractSettings()
     fingerprint = model_fingerprint(model)
     base = Path(cache_dir) / fingerprint / settings_digest(settings)
-    tag = dataset_tag(dataset)
-    timing: dict[str, float] = {}
-    stores = {"queries": base / f"{tag}-queries", "database": base / f"{tag}-database"}
     start = time.perf_counter()
-    queries, _ = extract_to_store(model, dataset.query_paths, stores["queries"], bbxs=dataset.query_bbxs,
-                                  settings=settings, **runtime).load()
-    database, _ = extract_to_store(model, dataset.database_paths, stores["database"], settings=settings,
-                                   **runtime).load()
-    distractors = None
-    if r1m_paths is not None:
-        stores["distractors"] = base / "revisitop1m"
-        distractors, _ = extract_to_store(model, r1m_paths, stores["distractors"], settings=settings,
-                                          **{**runtime, "skip_bad": True}).load(mmap=True)
-    timing["extract_s"] = time.perf_counter() - start
-
-    variants: dict[str, list] = {dataset.name: [database]}
-    if distractors is not None:
-        variants[dataset.name + R1M_TAG] = [database, distractors]
+    queries, variants, stores = _extract_benchmark(model, dataset, base, settings, r1m_paths, runtime)
+    extract_s = time.perf_counter() - start
+    start = time.perf_counter()
     results, ranks, described = {}, {}, []
-    start = time.perf_counter()
     for variant, parts in variants.items():
         q, db = queries, parts
         pp = _post_processing(post, model)
@@ -105,15 +89,41 @@ def evaluate_model(
         results[variant] = evaluate_scores(iter_scores(q, db), dataset.gnd)
         _, indices = search(q, db, topk=topk)
         ranks[variant] = to_ranks(indices)
-    timing["search_score_s"] = time.perf_counter() - start
     return {
         "fingerprint": fingerprint,
         "results": results,
         "ranks_arrays": ranks,
         "stores": {k: str(v) for k, v in stores.items()},
         "post": described,
-        "timing": timing,
+        "timing": {"extract_s": extract_s, "search_score_s": time.perf_counter() - start},
     }
+
+
+def _extract_benchmark(
+    model: RetrievalModel,
+    dataset: RevisitedDataset,
+    base: Path,
+    settings: ExtractSettings,
+    r1m_paths: list[Path] | None,
+    runtime: dict[str, Any],
+) -> tuple[Any, dict[str, list[Any]], dict[str, Path]]:
+    """Descriptors of the queries and of each database variant (the dataset, and +1M), via stores.
+
+    Returns ``(queries, {variant: [database parts]}, {store role: folder})``.
+    """
+    tag = dataset_tag(dataset)
+    stores = {"queries": base / f"{tag}-queries", "database": base / f"{tag}-database"}
+    queries, _ = extract_to_store(model, dataset.query_paths, stores["queries"], bbxs=dataset.query_bbxs,
+                                  settings=settings, **runtime).load()
+    database, _ = extract_to_store(model, dataset.database_paths, stores["database"], settings=settings,
+                                   **runtime).load()
+    variants: dict[str, list[Any]] = {dataset.name: [database]}
+    if r1m_paths is not None:
+        stores["distractors"] = base / "revisitop1m"
+        distractors, _ = extract_to_store(model, r1m_paths, stores["distractors"], settings=settings,
+                                          **{**runtime, "skip_bad": True}).load(mmap=True)
+        variants[dataset.name + R1M_TAG] = [database, distractors]
+    return queries, variants, stores
 
 
 def format_table(models: list[dict[str, Any]]) -> str:

@@ -1,29 +1,15 @@
-"""Descriptor extraction: multi-scale, bucketed batches, parallel decoding, resumable stores.
+"""Descriptor extraction: multi-scale, batched by input size, decoded in parallel, into resumable stores.
 
-* **Multi-scale** (SPEC §5): each image is resized so that its longer side is
-  ``image_size × scale`` (both sides then rounded to multiples of 16, see
-  :func:`dtop.data.images.resize_image`) for every scale (default 1/√2, 1, √2); the per-scale
-  descriptors are averaged and L2-normalised.
-* **Bucketing**: images that resize to the same (H, W) at the same scale are batched together, so
-  batches need no padding; a bucket is run when it holds ``batch_size`` images and all buckets are
-  flushed at the end of each shard. Decoding and resizing run in DataLoader workers.
-* **Stores**: :func:`extract_to_store` writes a :class:`~dtop.retrieval.store.DescriptorStore`
-  shard by shard; rerunning skips finished shards, so a killed run resumes, and gives the same
-  store as an uninterrupted run (shards are computed the same way whichever run writes them).
-* **Distributed**: under ``torchrun`` every rank takes the shards ``i % world_size == rank``.
-* **AMP** on CUDA (bf16 by default); float32 on the CPU.
+How batches are planned and why nothing waits for the GPU: docs/engine.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
-import math
+import logging
 import os
-import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dtop.config import AMP_CHOICES, to_dict
+from dtop.config import to_dict
 from dtop.data.images import (
     ImageListDataset,
     LoadFailure,
@@ -42,44 +28,15 @@ from dtop.data.images import (
     target_size,
     to_uint8_tensor,
 )
-from dtop.errors import ConfigError, DataError
+from dtop.engine.runtime import autocast_context, barrier, dist_info, resolve_device
+from dtop.engine.settings import DEFAULT_SCALES, ExtractSettings
+from dtop.errors import DataError
 from dtop.models.base import RetrievalModel
+from dtop.models.identity import model_fingerprint
 from dtop.models.layers import l2n
 from dtop.retrieval.store import DescriptorStore, Failure
 
-DEFAULT_SCALES: tuple[float, ...] = (1 / math.sqrt(2), 1.0, math.sqrt(2))
-
-
-@dataclass
-class ExtractSettings:
-    """Everything that changes descriptor values (stored in the store's manifest)."""
-
-    #: Longer side of the image at scale 1 (SPEC §5: 1024).
-    image_size: int = 1024
-    #: Scales; the descriptor is the L2-normalised mean over them.
-    scales: list[float] = field(default_factory=lambda: list(DEFAULT_SCALES))
-    #: Storage precision of the descriptors: float32 | float16.
-    dtype: str = "float32"
-    #: Apply EXIF orientation (off for the benchmarks, whose bbx refer to the stored layout).
-    exif_transpose: bool = False
-
-    def __post_init__(self) -> None:
-        if self.image_size < 16:
-            raise ConfigError(f"image_size must be at least 16, got {self.image_size}")
-        if not self.scales or any(not s > 0 for s in self.scales):
-            raise ConfigError(f"scales must be positive numbers, got {self.scales}")
-        if self.dtype not in ("float32", "float16"):
-            raise ConfigError(f"dtype must be float32 or float16, got {self.dtype!r}")
-        self.scales = [float(s) for s in self.scales]
-
-
-def model_fingerprint(model: RetrievalModel) -> str:
-    """sha256 of the model's configuration and weights (what a descriptor store is tied to)."""
-    digest = hashlib.sha256(json.dumps(to_dict(model.config), sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+log = logging.getLogger(__name__)
 
 
 def model_info(model: RetrievalModel) -> dict[str, Any]:
@@ -101,25 +58,6 @@ class MultiScaleTransform:
 
     def __call__(self, img) -> list[torch.Tensor]:  # noqa: D102
         return [to_uint8_tensor(resize_image(img, self.image_size * s)) for s in self.scales]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``auto`` → CUDA when available, else CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def autocast_context(device: torch.device, amp: str):
-    """The autocast context of ``amp`` (auto: bf16 on CUDA, off on the CPU)."""
-    if amp not in AMP_CHOICES:
-        raise ConfigError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def input_shapes(
@@ -298,17 +236,6 @@ def _extract_shards(model, dataset, shards, settings, batch_size, num_workers, d
         yield finish()
 
 
-def _dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def extract_to_store(
     model: RetrievalModel,
     paths: Sequence[str | os.PathLike],
@@ -336,25 +263,19 @@ def extract_to_store(
     settings = settings or ExtractSettings()
     device = resolve_device(device)
     model = model.to(device).eval()
-    rank, world = _dist_info()
-    paths = [str(p) for p in paths]
+    rank, world = dist_info()
+    names = [str(p) for p in paths]
     store_settings = {**asdict(settings), "crops": _crops_digest(bbxs)}
-    info = model_info(model)
-    if rank == 0:
-        store = DescriptorStore.create(out, paths, store_settings, info, shard_size=shard_size, overwrite=overwrite)
-    _barrier()
-    if rank != 0:
-        store = DescriptorStore.open(out)
-    transform = MultiScaleTransform(settings.image_size, settings.scales)
-    dataset = ImageListDataset(paths, bbxs, transform, exif_transpose=settings.exif_transpose, on_error="skip")
+    store = _open_store(out, names, store_settings, model_info(model), rank, shard_size, overwrite)
     shards = store.assigned_shards(rank, world)
     if max_shards is not None:
         shards = shards[:max_shards]
-    total = sum(len(store.shard_items(i)) for i in shards)
-    bar = tqdm(total=total, unit="img", desc=f"extract {Path(out).name}", disable=not progress or rank != 0,
-               dynamic_ncols=True, smoothing=0.1)
+    transform = MultiScaleTransform(settings.image_size, settings.scales)
+    dataset = ImageListDataset(names, bbxs, transform, exif_transpose=settings.exif_transpose, on_error="skip")
+    work = {shard: list(store.shard_items(shard)) for shard in shards}
+    bar = tqdm(total=sum(len(items) for items in work.values()), unit="img", desc=f"extract {Path(out).name}",
+               disable=not progress or rank != 0, dynamic_ncols=True, smoothing=0.1)
     try:
-        work = {shard: list(store.shard_items(shard)) for shard in shards}
         for shard, descriptors, ok, failures in _extract_shards(
             model, dataset, list(work.items()), settings, batch_size, num_workers, device, amp, bar
         ):
@@ -362,18 +283,33 @@ def extract_to_store(
             store.write_shard(shard, descriptors[keep], torch.tensor(work[shard])[keep], failures=failures)
     finally:
         bar.close()
-    _barrier()
+    barrier()
     if rank == 0:
         store.finalize()
+    if not skip_bad:
+        _fail_on_unreadable(store, Path(out))
+    return store
+
+
+def _open_store(out: str | os.PathLike, paths: list[str], settings: dict[str, Any], info: dict[str, Any],
+                rank: int, shard_size: int, overwrite: bool) -> DescriptorStore:
+    """Rank 0 creates (or reopens, to resume) the store; the other ranks open it after that."""
+    if rank == 0:
+        store = DescriptorStore.create(out, paths, settings, info, shard_size=shard_size, overwrite=overwrite)
+    barrier()
+    return store if rank == 0 else DescriptorStore.open(out)
+
+
+def _fail_on_unreadable(store: DescriptorStore, out: Path) -> None:
+    """Raise a DataError naming the store's unreadable images, if it has any."""
     failures = store.failures()
-    if failures and not skip_bad:
+    if failures:
         listed = "; ".join(f"{f.path}: {f.reason}" for f in failures[:5])
         more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
         raise DataError(
             f"{len(failures)} image(s) could not be read: {listed}{more}. They are listed in "
-            f"{Path(out) / 'manifest.json'}; fix or remove them, or rerun with --skip-bad to leave them out."
+            f"{out / 'manifest.json'}; fix or remove them, or rerun with --skip-bad to leave them out."
         )
-    return store
 
 
 def _crops_digest(bbxs: Sequence[Sequence[float] | None] | None) -> str | None:
@@ -419,7 +355,7 @@ def extract(
         listed = "; ".join(f"{f.path}: {f.reason}" for f in failures[:5])
         if not skip_bad:
             raise DataError(f"could not read: {listed}")
-        warnings.warn(f"{len(failures)} unreadable image(s) left as zero descriptors: {listed}", stacklevel=2)
+        log.warning("%d unreadable image(s) left as zero descriptors: %s", len(failures), listed)
         descriptors[~ok] = 0.0
     return descriptors
 

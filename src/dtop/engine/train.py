@@ -1,27 +1,7 @@
-"""Training DToP (and its baselines): ArcFace on landmark/cluster labels, or the SfM-120k tuples (SPEC §4).
+"""Training DToP and its baselines: ArcFace on class labels, or the SfM-120k contrastive tuples.
 
-One process or many under ``torchrun`` (DDP: NCCL on GPUs, gloo on CPUs); every rank takes a
-disjoint part of each epoch from the group-size batch sampler. AdamW with a lower learning rate
-for the backbone, linear warm-up + cosine decay (stepped per optimiser step), gradient clipping,
-AMP (bf16, or fp16 with a gradient scaler), optional gradient checkpointing and accumulation.
-
-Run folder::
-
-    config.yaml          the resolved configuration
-    metrics.jsonl        one JSON line per logged step / validation
-    last.safetensors     the latest model (dtop checkpoint: loads with dtop.load_model)
-    best.safetensors     the model with the best validation mAP (when validating)
-    state.pt             everything needed to resume exactly (weights_only-loadable)
-
-**Contrastive tuples** (``loss.name: contrastive``): at the start of each epoch the current model
-describes the epoch's queries and negative pool (rank ``r`` of ``w`` describes every ``w``-th
-image, all-gathered), hard negatives are mined (:class:`dtop.engine.mining.TupleSampler`), and a
-batch is ``optim.batch_size`` tuples at one common size (:class:`~dtop.engine.mining.TupleBatchSampler`).
-A tuple with an unreadable image is dropped whole (and its images counted as skipped).
-
-**Exact resume**: ``state.pt`` holds model, loss, optimiser, scheduler and scaler states, the
-sampler position and the RNG states; data augmentation is seeded per (seed, epoch, image), not
-by worker processes, so an interrupted run continues as if uninterrupted.
+:class:`Trainer` runs one job of a :class:`~dtop.engine.train_config.TrainConfig`, in one process
+or under ``torchrun``; its run folder, resume and distributed design are in docs/engine.md.
 """
 
 from __future__ import annotations
@@ -30,25 +10,33 @@ import contextlib
 import functools
 import json
 import math
-import os
-import random
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dtop.engine.train_config import TrainConfig
+from dtop.engine.losses import ContrastiveLoss
+from dtop.engine.mining import TupleBatchSampler
+from dtop.engine.runtime import amp_dtype, autocast_context, init_distributed, resolve_amp
+from dtop.engine.seeding import SeededItems, rng_state, seed_everything, set_rng_state
+from dtop.engine.settings import ExtractSettings
+from dtop.engine.train_config import TrainConfig, resolved_subcenters
 from dtop.errors import CheckpointError, ConfigError
 from dtop.models import build_model, save_checkpoint
 from dtop.models.base import RetrievalModel
 from dtop.utils.io import atomic_path, write_text
+
+if TYPE_CHECKING:
+    from dtop.data.sampler import FixedSizeBatchSampler, GroupSizeBatchSampler
+    from dtop.data.training import TrainingSet
+
+    BatchSampler = GroupSizeBatchSampler | FixedSizeBatchSampler | TupleBatchSampler
 
 STATE_FILE = "state.pt"
 
@@ -70,31 +58,17 @@ class TrainModule(nn.Module):
         self.tuple_size = tuple_size
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # noqa: D102
-        if self.tuple_size is not None:
-            return self.loss.tuple_loss(self.model(images), self.tuple_size)
-        return self.loss(self.model(images), labels)
+        descriptors = self.model(images)
+        if self.tuple_size is None:
+            return self.loss(descriptors, labels)
+        if not isinstance(self.loss, ContrastiveLoss):
+            raise TypeError(f"batches of tuples need the contrastive loss, not {type(self.loss).__name__}")
+        return self.loss.tuple_loss(descriptors, self.tuple_size)
 
 
-class SeededItems(Dataset):
-    """Seeds the RNGs for each item from (seed, epoch, index): augmentation independent of workers."""
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item):
-        index = item[0] if isinstance(item, tuple | list) else item
-        item_seed = (self.seed * 1_000_003 + self.epoch * 7_919 + int(index) * 104_729) % (2**31)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(item_seed)
-            random.seed(item_seed)
-            np.random.seed(item_seed)
-            return self.dataset[item]
-
-
-def param_groups(model: RetrievalModel, loss: nn.Module, lr: float, backbone_mult: float, weight_decay: float):
+def param_groups(
+    model: RetrievalModel, loss: nn.Module, lr: float, backbone_mult: float, weight_decay: float
+) -> list[dict[str, Any]]:
     """AdamW groups: backbone (stem, encoder) at ``lr × backbone_mult``; locality, head and loss at ``lr``.
 
     Biases, norms, GeM ``p`` and other 1-D parameters get no weight decay.
@@ -123,32 +97,6 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def rng_state() -> dict[str, Any]:
-    """RNG states of torch (CPU, CUDA), numpy and python, as tensors (weights_only-loadable)."""
-    state = {"torch": torch.get_rng_state(),
-             "numpy": torch.tensor(np.random.get_state()[1].astype(np.int64)),
-             "numpy_pos": int(np.random.get_state()[2]),
-             "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` saved."""
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-
-
 # ------------------------------------------------------------------------------------ data + loss
 
 
@@ -169,12 +117,11 @@ def build_loss(config: TrainConfig, embedding_dim: int, num_classes: int) -> nn.
     c = config.loss
     if c.name == "contrastive":
         return _build("contrastive", margin=c.resolved_margin())
-    subcenters = c.subcenters if c.name == "subcenter-arcface" else 1
-    return _build("arcface" if subcenters == 1 else "subcenter-arcface", embedding_dim=embedding_dim,
-                  num_classes=num_classes, margin=c.resolved_margin(), scale=c.scale, subcenters=subcenters)
+    return _build(c.name, embedding_dim=embedding_dim, num_classes=num_classes, margin=c.resolved_margin(),
+                  scale=c.scale, subcenters=c.resolved_subcenters())
 
 
-def build_sampler(config: TrainConfig, training_set, rank: int, world: int):
+def build_sampler(config: TrainConfig, training_set: TrainingSet, rank: int, world: int) -> BatchSampler:
     """The batch sampler: tuples for the contrastive loss, else the one of ``config.data.sampling``."""
     from dtop.data.sampler import FixedSizeBatchSampler, GroupSizeBatchSampler
 
@@ -185,9 +132,9 @@ def build_sampler(config: TrainConfig, training_set, rank: int, world: int):
                seed=config.run.seed, rank=rank, world_size=world, drop_last=True)
 
 
-def build_tuple_sampler(config: TrainConfig, training_set, rank: int, world: int):
+def build_tuple_sampler(config: TrainConfig, training_set: TrainingSet, rank: int, world: int) -> TupleBatchSampler:
     """The :class:`~dtop.engine.mining.TupleBatchSampler` of the contrastive protocol."""
-    from dtop.engine.mining import TupleBatchSampler, TupleSampler, pairs_from_labels
+    from dtop.engine.mining import TupleSampler, pairs_from_labels
 
     extras = training_set.extras
     if "qidxs" in extras and "pidxs" in extras:
@@ -211,49 +158,27 @@ def build_tuple_sampler(config: TrainConfig, training_set, rank: int, world: int
 
 
 class Trainer:
-    """Runs one training job described by a :class:`TrainConfig`; see the module doc."""
+    """Runs one training job described by a :class:`TrainConfig` (see docs/engine.md)."""
 
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.config = config
         self.out = Path(config.run.out)
-        self.rank, self.world, self.device = self._setup_distributed(config.run.device)
-        _seed_everything(config.run.seed)
+        runtime = init_distributed(config.run.device)
+        self.rank, self.world, self.device = runtime.rank, runtime.world, runtime.device
+        seed_everything(config.run.seed)
         self.training_set = build_training_set(config)
-        self.model = build_model(config.model).to(self.device)
-        if config.optim.grad_checkpointing and hasattr(self.model.backbone, "set_grad_checkpointing"):
-            self.model.backbone.set_grad_checkpointing(True)
-        self.loss = build_loss(config, self.model.descriptor_dim, self.training_set.num_classes).to(self.device)
-        self.contrastive = config.loss.name == "contrastive"
-        self.sampler = build_sampler(config, self.training_set, self.rank, self.world)
-        self.module = TrainModule(self.model, self.loss, self.sampler.tuple_size if self.contrastive else None)
-        if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
-        else:
-            self.ddp = self.module
-        o = config.optim
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.loss, o.lr, o.backbone_lr_mult,
-                                                        o.weight_decay), lr=o.lr)
-        self.steps_per_epoch = max(1, len(self.sampler) // o.accum_steps)
-        # The schedule spans the configured epochs; max_steps / max_minutes only stop early, so a run
-        # stopped and resumed follows the same schedule as an uninterrupted one.
-        schedule_steps = self.steps_per_epoch * o.epochs
-        self.total_steps = schedule_steps
-        if config.run.max_steps is not None:
-            self.total_steps = min(self.total_steps, config.run.max_steps)
-        warmup = min(o.warmup_steps, schedule_steps // 2 or 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: warmup_cosine(s, warmup, schedule_steps, o.min_lr_ratio))
+        self._build_model_and_loss()
+        self._build_optimisation()
         # "none" | "bf16" | "fp16" (auto resolved for the device), as extraction's amp option takes it
-        self.amp = o.amp if o.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")
-        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.amp]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.amp = resolve_amp(config.optim.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype(self.amp, self.device) == torch.float16)
         from dtop.data.training import TrainDataset
 
         self.dataset = SeededItems(TrainDataset(self.training_set, augment=config.data.augment,
                                                 mean=self.model.mean, std=self.model.std), config.run.seed)
         self.step, self.epoch, self.batches_done = 0, 0, 0
-        self.best, self.skipped = None, 0
+        self.best: float | None = None
+        self.skipped = 0
         self.sampler.set_epoch(0)
         if resume:
             self._load_state()
@@ -264,22 +189,40 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- set-up
 
-    @staticmethod
-    def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
-            torch.distributed.init_process_group(backend)
-        rank = torch.distributed.get_rank() if world > 1 else 0
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(dev)
-        return rank, world, dev
+    def _build_model_and_loss(self) -> None:
+        """Model, loss, batch sampler and the (DDP-wrapped) module that trains them together."""
+        config = self.config
+        self.model = build_model(config.model).to(self.device)
+        set_grad_checkpointing = getattr(self.model.backbone, "set_grad_checkpointing", None)
+        if config.optim.grad_checkpointing and callable(set_grad_checkpointing):  # timm backbones have it
+            set_grad_checkpointing(True)
+        self.loss = build_loss(config, self.model.descriptor_dim, self.training_set.num_classes).to(self.device)
+        self.sampler = build_sampler(config, self.training_set, self.rank, self.world)
+        tuple_size = self.sampler.tuple_size if isinstance(self.sampler, TupleBatchSampler) else None
+        self.module = TrainModule(self.model, self.loss, tuple_size)
+        self.ddp: nn.Module = self.module
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
 
-    def _tensorboard(self):
+    def _build_optimisation(self) -> None:
+        """AdamW and the warm-up + cosine schedule over the configured epochs."""
+        o = self.config.optim
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.loss, o.lr, o.backbone_lr_mult,
+                                                        o.weight_decay), lr=o.lr)
+        self.steps_per_epoch = max(1, len(self.sampler) // o.accum_steps)
+        # The schedule spans the configured epochs; max_steps / max_minutes only stop early, so a run
+        # stopped and resumed follows the same schedule as an uninterrupted one.
+        schedule_steps = self.steps_per_epoch * o.epochs
+        self.total_steps = schedule_steps
+        if self.config.run.max_steps is not None:
+            self.total_steps = min(self.total_steps, self.config.run.max_steps)
+        warmup = min(o.warmup_steps, schedule_steps // 2 or 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, warmup, schedule_steps, o.min_lr_ratio))
+
+    def _tensorboard(self) -> Any:
+        """A TensorBoard ``SummaryWriter`` into the run folder."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
@@ -314,6 +257,7 @@ class Trainer:
             torch.save(self.state_dict(), tmp)
 
     def _load_state(self) -> None:
+        """Restore what :meth:`state_dict` saved, after checking that the run's settings match."""
         path = self.out / STATE_FILE
         if not path.is_file():
             raise CheckpointError(f"cannot resume: {path} not found (start without --resume, or check run.out)")
@@ -321,9 +265,7 @@ class Trainer:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise CheckpointError(f"cannot resume: {path} is not a readable training state ({err})") from err
-        saved = json.loads(state["config"])
-        diffs = [f"{s}.{k}" for s in ("model", "data", "loss") for k in saved[s]
-                 if saved[s][k] != _plain(asdict(self.config))[s][k]]
+        diffs = _settings_differences(json.loads(state["config"]), _plain(asdict(self.config)))
         if diffs:
             raise CheckpointError(f"cannot resume {path}: the run was started with other settings for "
                                   f"{', '.join(diffs[:5])}; resume with the same config")
@@ -353,16 +295,11 @@ class Trainer:
 
         self.dataset.epoch = self.epoch
         workers = self.config.data.num_workers
-        collate = functools.partial(collate_tuples, tuple_size=self.sampler.tuple_size) if self.contrastive \
-            else collate_skip_bad
+        collate = functools.partial(collate_tuples, tuple_size=self.sampler.tuple_size) \
+            if isinstance(self.sampler, TupleBatchSampler) else collate_skip_bad
         return DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate,
                           num_workers=workers, pin_memory=self.device.type == "cuda",
                           prefetch_factor=2 if workers else None)
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def train(self) -> dict[str, Any]:
         """Train until the epochs, ``max_steps`` or ``max_minutes`` run out; returns a summary."""
@@ -372,62 +309,91 @@ class Trainer:
         self.module.train()
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train", dynamic_ncols=True,
                    disable=not c.run.progress or self.rank != 0)
+        self._images_seen, self._last_log = 0, time.monotonic()
         stopped = False
-        images_seen, t_log = 0, time.monotonic()
         while self.epoch < c.optim.epochs and not stopped:
-            micro, loss_sum = 0, 0.0
-            if self.contrastive:
-                self.mine()
-            for images, labels, n_skipped in self._loader():
-                self.skipped += int(n_skipped)
-                self.batches_done += 1
-                if images is None:
-                    continue
-                images = images.to(self.device, non_blocking=True)
-                if labels is not None:
-                    labels = labels.to(self.device, non_blocking=True)
-                sync = (micro + 1) % c.optim.accum_steps == 0
-                ctx = self.ddp.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
-                with ctx, self._autocast():
-                    loss = self.ddp(images, labels) / c.optim.accum_steps
-                self.scaler.scale(loss).backward()
-                loss_sum += float(loss.detach())
-                images_seen += images.shape[0]
-                micro += 1
-                if not sync:
-                    continue
-                if c.optim.grad_clip > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.module.parameters(), c.optim.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                self.step += 1
-                bar.update(1)
-                if self.step % c.run.log_every == 0 or self.step == 1:
-                    now = time.monotonic()
-                    rate = images_seen * self.world / max(now - t_log, 1e-9)
-                    self._log({"step": self.step, "epoch": self.epoch, "loss": loss_sum,
-                               "lr": self.optimizer.param_groups[-1]["lr"], "images_per_s": rate,
-                               "skipped": self.skipped})
-                    bar.set_postfix(loss=f"{loss_sum:.3f}", img_s=f"{rate:.1f}")
-                    images_seen, t_log = 0, now
-                loss_sum = 0.0
-                if self.step % c.run.save_every == 0:
-                    self.save()
-                if (c.run.max_steps is not None and self.step >= c.run.max_steps) or \
-                        (deadline is not None and time.monotonic() > deadline):
-                    stopped = True
-                    break
+            stopped = self._run_epoch(bar, deadline)
             if not stopped:
-                self.epoch += 1
-                self.batches_done = 0
-                self.sampler.set_epoch(self.epoch)
-                if c.val.dataset and self.epoch % c.val.every_epochs == 0:
-                    self.validate()
-                self.save()
+                self._end_epoch()
         bar.close()
+        return self._finish(start)
+
+    def _run_epoch(self, bar: tqdm, deadline: float | None) -> bool:
+        """The epoch's batches from the sampler's position on; True when a stop condition was met."""
+        c = self.config
+        micro, loss_sum = 0, 0.0
+        if isinstance(self.sampler, TupleBatchSampler):
+            self.mine()
+        for images, labels, n_skipped in self._loader():
+            self.skipped += int(n_skipped)
+            self.batches_done += 1
+            if images is None:
+                continue
+            sync = (micro + 1) % c.optim.accum_steps == 0
+            loss_sum += self._forward_backward(images, labels, sync)
+            micro += 1
+            if not sync:
+                continue
+            self._optimizer_step()
+            bar.update(1)
+            if self.step % c.run.log_every == 0 or self.step == 1:
+                self._log_step(loss_sum, bar)
+            loss_sum = 0.0
+            if self.step % c.run.save_every == 0:
+                self.save()
+            if (c.run.max_steps is not None and self.step >= c.run.max_steps) or \
+                    (deadline is not None and time.monotonic() > deadline):
+                return True
+        return False
+
+    def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor | None, sync: bool) -> float:
+        """Loss and gradients of one micro-batch (gradients synchronised across ranks when ``sync``)."""
+        images = images.to(self.device, non_blocking=True)
+        if labels is not None:
+            labels = labels.to(self.device, non_blocking=True)
+        ctx: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        if not sync and isinstance(self.ddp, nn.parallel.DistributedDataParallel):
+            ctx = self.ddp.no_sync()  # accumulate locally; the sync step all-reduces
+        with ctx, autocast_context(self.device, self.amp):
+            loss = self.ddp(images, labels) / self.config.optim.accum_steps
+        self.scaler.scale(loss).backward()
+        self._images_seen += images.shape[0]
+        return float(loss.detach())
+
+    def _optimizer_step(self) -> None:
+        """Clip, step the optimiser and the schedule, count the step."""
+        clip = self.config.optim.grad_clip
+        if clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+
+    def _log_step(self, loss: float, bar: tqdm) -> None:
+        """Record loss, learning rate and throughput since the last record."""
+        now = time.monotonic()
+        rate = self._images_seen * self.world / max(now - self._last_log, 1e-9)
+        self._log({"step": self.step, "epoch": self.epoch, "loss": loss, "lr": self.optimizer.param_groups[-1]["lr"],
+                   "images_per_s": rate, "skipped": self.skipped})
+        bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{rate:.1f}")
+        self._images_seen, self._last_log = 0, now
+
+    def _end_epoch(self) -> None:
+        """Move to the next epoch; validate when due; save."""
+        self.epoch += 1
+        self.batches_done = 0
+        self.sampler.set_epoch(self.epoch)
+        val = self.config.val
+        if val.dataset and self.epoch % val.every_epochs == 0:
+            self.validate()
+        self.save()
+
+    def _finish(self, start: float) -> dict[str, Any]:
+        """Save (and validate a run that never did), log and return the summary."""
+        c = self.config
         self.save()
         if c.val.dataset and self.best is None:
             self.validate()
@@ -444,6 +410,8 @@ class Trainer:
 
         A resumed run finds the epoch's negatives in its state and does not mine again.
         """
+        if not isinstance(self.sampler, TupleBatchSampler):
+            raise ConfigError("mining hard negatives needs loss.name=contrastive")
         tuples = self.sampler.tuples
         if tuples.negatives is not None:
             return
@@ -460,7 +428,7 @@ class Trainer:
         returns the same matrix. An unreadable image gets a zero row (and a warning); a tuple it
         ends up in is dropped by :func:`~dtop.data.training.collate_tuples` and counted as skipped.
         """
-        from dtop.engine.extract import ExtractSettings, extract
+        from dtop.engine.extract import extract
 
         mine = list(indices)[self.rank :: self.world]
         self.model.eval()
@@ -471,48 +439,65 @@ class Trainer:
                            device=self.device, amp=self.amp, skip_bad=True)
         finally:
             self.model.train()
-        if self.world == 1:
-            return part
-        rows = -(-len(indices) // self.world)
+        return part if self.world == 1 else self._gather_strided(part, len(indices))
+
+    def _gather_strided(self, part: torch.Tensor, n: int) -> torch.Tensor:
+        """All ranks' rows ``r::world`` of an (n, d) matrix, gathered into the whole matrix (CPU)."""
+        rows = -(-n // self.world)
         padded = torch.zeros(rows, part.shape[1], device=self.device)
         padded[: len(part)] = part.to(self.device)
         gathered = [torch.empty_like(padded) for _ in range(self.world)]
         torch.distributed.all_gather(gathered, padded)
-        out = torch.empty(len(indices), part.shape[1])
+        out = torch.empty(n, part.shape[1])
         for r, g in enumerate(gathered):
-            n_r = len(range(r, len(indices), self.world))
+            n_r = len(range(r, n, self.world))
             out[r :: self.world] = g[:n_r].cpu()
         return out
 
     def validate(self) -> float | None:
         """Revisited evaluation (rank 0, in memory); keeps ``best.safetensors``. Returns mean of M/H mAP."""
-        value = None
-        if self.rank == 0:
-            from dtop.data.revisited import RevisitedDataset
-            from dtop.engine.extract import ExtractSettings, extract
-            from dtop.retrieval.metrics import evaluate_scores
-
-            v = self.config.val
-            ds = RevisitedDataset(v.data_root, v.dataset)
-            settings = ExtractSettings(image_size=v.image_size, scales=v.scales)
-            self.model.eval()
-            kw = dict(settings=settings, batch_size=v.batch_size, device=self.device, amp=self.amp)
-            q = extract(self.model, ds.query_paths, bbxs=ds.query_bbxs, **kw)
-            x = extract(self.model, ds.database_paths, **kw)
-            self.model.train()
-            results = evaluate_scores(q @ x.T, ds.gnd)
-            value = (results["medium"]["map"] + results["hard"]["map"]) / 2
-            self._log({"step": self.step, "epoch": self.epoch, "val_map_easy": results["easy"]["map"],
-                       "val_map_medium": results["medium"]["map"], "val_map_hard": results["hard"]["map"],
-                       "val_map": value})
-            if self.best is None or value > self.best:
-                self.best = value
-                save_checkpoint(self.model, self.out / "best.safetensors",
-                                metadata={"step": self.step, "epoch": self.epoch, "val_map": value,
-                                          "train_run": str(self.out.resolve())})
+        value = self._validation_map() if self.rank == 0 else None
+        if value is not None and (self.best is None or value > self.best):
+            self.best = value
+            save_checkpoint(self.model, self.out / "best.safetensors",
+                            metadata={"step": self.step, "epoch": self.epoch, "val_map": value,
+                                      "train_run": str(self.out.resolve())})
         if self.world > 1:
             torch.distributed.barrier()
         return value
+
+    def _validation_map(self) -> float:
+        """Mean of the Medium and Hard mAP on ``val.dataset`` (all protocols logged)."""
+        from dtop.data.revisited import RevisitedDataset
+        from dtop.engine.extract import extract
+        from dtop.retrieval.metrics import evaluate_scores
+
+        v = self.config.val
+        if v.dataset is None:
+            raise ConfigError("validation needs val.dataset (roxford5k, rparis6k or a revisited-format folder)")
+        ds = RevisitedDataset(v.data_root, v.dataset)
+        settings = ExtractSettings(image_size=v.image_size, scales=v.scales)
+        self.model.eval()
+        q = extract(self.model, ds.query_paths, bbxs=ds.query_bbxs, settings=settings, batch_size=v.batch_size,
+                    device=self.device, amp=self.amp)
+        x = extract(self.model, ds.database_paths, settings=settings, batch_size=v.batch_size, device=self.device,
+                    amp=self.amp)
+        self.model.train()
+        results = evaluate_scores(q @ x.T, ds.gnd)
+        value = (results["medium"]["map"] + results["hard"]["map"]) / 2
+        self._log({"step": self.step, "epoch": self.epoch, "val_map_easy": results["easy"]["map"],
+                   "val_map_medium": results["medium"]["map"], "val_map_hard": results["hard"]["map"],
+                   "val_map": value})
+        return value
+
+
+def _settings_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``section.key`` of the model, data and loss settings on which two run configs differ."""
+    for config in (saved, current):
+        # resolved: a state written before the per-loss default holds 1, the config None
+        loss = config["loss"]
+        loss["subcenters"] = resolved_subcenters(loss["name"], loss.get("subcenters"))
+    return [f"{s}.{k}" for s in ("model", "data", "loss") for k in saved[s] if saved[s][k] != current[s].get(k)]
 
 
 def _plain(obj: Any) -> Any:

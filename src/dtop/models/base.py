@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+import torch
 from torch import nn
 
 from dtop.models.config import ModelConfig
+
+#: The name of the checkpoint extra that holds a fitted whitening (``mean``, ``projection``).
+WHITENING_EXTRA = "whitening"
+
+
+@dataclasses.dataclass
+class CheckpointExtra:
+    """Named tensors and JSON metadata saved with a model in its checkpoint (e.g. a whitening)."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class RetrievalModel(nn.Module):
@@ -18,21 +31,25 @@ class RetrievalModel(nn.Module):
 
     config: ModelConfig
     backbone: nn.Module
+    #: Extras saved with the model in its checkpoint and loaded back with it, by name
+    #: (:data:`WHITENING_EXTRA`); not part of the model's computation or fingerprint.
+    checkpoint_extras: dict[str, CheckpointExtra]
 
     def __init__(self, config: ModelConfig, mean: list[float], std: list[float]):
         super().__init__()
         # The resolved normalisation is part of the configuration saved with the checkpoint.
         self.config = dataclasses.replace(config, mean=list(mean), std=list(std))
+        self.checkpoint_extras = {}
 
     @property
     def mean(self) -> list[float]:
         """Per-channel input mean (RGB, on [0, 1] pixels)."""
-        return list(self.config.mean)
+        return _resolved(self.config.mean, "mean")
 
     @property
     def std(self) -> list[float]:
         """Per-channel input standard deviation."""
-        return list(self.config.std)
+        return _resolved(self.config.std, "std")
 
     @property
     def stride(self) -> int:
@@ -55,3 +72,9 @@ class RetrievalModel(nn.Module):
             groups[self.part_of(name)].append(param)
         return groups
 
+
+def _resolved(values: list[float] | None, name: str) -> list[float]:
+    """A copy of a normalisation list that ``RetrievalModel.__init__`` has set."""
+    if values is None:
+        raise RuntimeError(f"model.config.{name} is unset: a RetrievalModel resolves it when built")
+    return list(values)

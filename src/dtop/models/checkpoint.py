@@ -1,18 +1,11 @@
-"""The one checkpoint format of dtop (SPEC §3.8): a safetensors file that describes itself.
-
-Tensors: the model's state dict under its own names, plus optional extras (e.g. whitening) under
-``__extra__.<name>.<tensor>``. Metadata: one key ``dtop`` holding JSON with ``format`` =
-``dtop-model``, ``format_version``, ``config`` (the full ModelConfig, normalisation included),
-``extras`` (name → metadata) and free ``metadata``. One key, because safetensors writes several
-metadata keys in arbitrary order and the same model must give the same bytes.
-:func:`load_model` needs nothing but the file.
-"""
+"""The one checkpoint format of dtop: a safetensors file that describes itself (see docs/models.md)."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +13,9 @@ import torch
 
 from dtop.config import from_dict, to_dict
 from dtop.errors import CheckpointError, ConfigError
-from dtop.models.base import RetrievalModel
+from dtop.models.base import CheckpointExtra, RetrievalModel
 from dtop.models.config import ModelConfig
+from dtop.models.identity import config_differences
 from dtop.models.weights import state_dict_mismatches
 from dtop.utils.io import atomic_path
 
@@ -29,8 +23,6 @@ FORMAT = "dtop-model"
 FORMAT_VERSION = "1"
 EXTRA_PREFIX = "__extra__."
 HEADER_KEY = "dtop"
-#: Config fields that do not change the model's parameters (ignored when comparing configs).
-NON_ARCHITECTURAL = ("pretrained", "gem_p", "init_seed")
 
 
 @dataclass
@@ -39,35 +31,37 @@ class Checkpoint:
 
     config: ModelConfig
     state_dict: dict[str, torch.Tensor]
-    extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    extras_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extras: dict[str, CheckpointExtra] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def save_checkpoint(
     model: RetrievalModel,
     path: str | os.PathLike,
-    extras: dict[str, dict[str, torch.Tensor]] | None = None,
-    extras_metadata: dict[str, dict[str, Any]] | None = None,
+    extras: Mapping[str, CheckpointExtra] | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` (weights + full config) and optional extras to ``path`` atomically."""
+    """Write ``model`` (weights + full config) and its extras to ``path`` atomically.
+
+    ``extras`` default to the model's own :attr:`~RetrievalModel.checkpoint_extras`.
+    """
     from safetensors.torch import save_file
 
     from dtop import __version__
 
     path = Path(path)
+    extras = model.checkpoint_extras if extras is None else extras
     # clone: safetensors refuses tensors that share storage
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    for name, group in (extras or {}).items():
-        for key, value in group.items():
+    for name, extra in extras.items():
+        for key, value in extra.tensors.items():
             tensors[f"{EXTRA_PREFIX}{name}.{key}"] = value.detach().cpu().contiguous().clone()
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "dtop_version": __version__,
         "config": to_dict(model.config),
-        "extras": extras_metadata or {name: {} for name in (extras or {})},
+        "extras": {name: extra.metadata for name, extra in extras.items()},
         "metadata": metadata or {},
     }
     with atomic_path(path) as tmp:
@@ -108,31 +102,18 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         config = from_dict(ModelConfig, header["config"], where="model")
     except (ConfigError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path} holds an invalid model configuration: {err}") from err
-    extras: dict[str, dict[str, torch.Tensor]] = {}
+    extras_metadata = header.get("extras", {})
+    extras: dict[str, CheckpointExtra] = {}
     state = {}
     for key, value in tensors.items():
         if key.startswith(EXTRA_PREFIX):
             name, _, sub = key[len(EXTRA_PREFIX):].partition(".")
-            extras.setdefault(name, {})[sub] = value
+            if name not in extras:
+                extras[name] = CheckpointExtra({}, dict(extras_metadata.get(name, {})))
+            extras[name].tensors[sub] = value
         else:
             state[key] = value
-    return Checkpoint(
-        config=config,
-        state_dict=state,
-        extras=extras,
-        extras_metadata=header.get("extras", {}),
-        metadata=header.get("metadata", {}),
-    )
-
-
-def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
-    """Architectural fields on which two configs differ, as ``field: a vs b`` strings."""
-    da, db = to_dict(a), to_dict(b)
-    return [
-        f"{k}: {da[k]!r} vs {db[k]!r}"
-        for k in da
-        if k not in NON_ARCHITECTURAL and k not in ("mean", "std") and da[k] != db[k]
-    ]
+    return Checkpoint(config=config, state_dict=state, extras=extras, metadata=header.get("metadata", {}))
 
 
 def load_weights(model: RetrievalModel, checkpoint: str | os.PathLike | Checkpoint) -> Checkpoint:
@@ -155,16 +136,13 @@ def load_weights(model: RetrievalModel, checkpoint: str | os.PathLike | Checkpoi
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> RetrievalModel:
     """Rebuild a model from a dtop checkpoint file alone (in eval mode).
 
-    The checkpoint's extras (e.g. whitening) are available as ``model.checkpoint_extras``.
+    The checkpoint's extras (e.g. whitening) are in ``model.checkpoint_extras``.
     """
-    import dataclasses
-
     from dtop.models.factory import build_model
 
     ckpt = read_checkpoint(path)
     # The weights come from the file: never fetch the pretrained backbone again.
-    model = build_model(dataclasses.replace(ckpt.config, pretrained=None))
+    model = build_model(replace(ckpt.config, pretrained=None))
     load_weights(model, ckpt)
-    model.checkpoint_extras = ckpt.extras
-    model.checkpoint_extras_metadata = ckpt.extras_metadata
+    model.checkpoint_extras = dict(ckpt.extras)
     return model.to(device).eval()
