@@ -46,6 +46,7 @@ def check_images(
     n = len(paths)
     chunks = [(list(paths[i:i + chunk]), decode) for i in range(0, n, chunk)]
     with tqdm(total=n, desc="check images", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        results: Iterator[list[tuple[str, str | None]]]
         if workers <= 1:
             results = map(_check_chunk, chunks)
             pool = None

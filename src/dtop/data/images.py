@@ -1,37 +1,10 @@
 """The one image loader of dtop, the model-input resize policy and an image-list dataset.
 
-Loading (:func:`load_image`) always returns an 8-bit RGB :class:`PIL.Image.Image`:
-
-- grayscale (``1``, ``L``), palette (``P``), ``CMYK``, ``YCbCr`` and the other 8-bit modes are
-  converted with PIL's own conversion (as the reference code does; embedded ICC profiles are
-  not applied, also as in the reference code);
-- 16-bit (``I;16*``) and 32-bit integer (``I``) grayscale are *scaled* to 8 bits (value / 257),
-  not clipped as PIL's ``convert`` would do; an ``I`` image whose values all fit in 0..255 is
-  taken as 8-bit; float (``F``) images are taken as 0..1 when their maximum is at most 1,
-  else as 0..255 (clipped);
-- images with transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent colour, ...)
-  are alpha-composited on a **white** background (:data:`ALPHA_BACKGROUND`): transparent
-  product shots and logos are designed to be seen on white, and the colour PIL would otherwise
-  keep under transparent pixels is arbitrary (often black);
-- multi-frame files (GIF, TIFF) give their first frame.
-
-**EXIF orientation is not applied by default** (``exif_transpose=False``): the revisited
-reference code and cirtorch load the stored pixel layout, and the query ``bbx`` coordinates of
-the benchmarks refer to that layout. Pass ``exif_transpose=True`` for user photos taken on
-phones; a bbx crop is then still done in the stored layout, before the rotation.
-
-Every failure raises :class:`ImageLoadError` (a :class:`~dtop.errors.DataError`) naming the
-path and the reason: missing file, zero-byte file, bytes that are not an image, truncated or
-corrupt data. Truncated images are never accepted: PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES``
-must stay ``False`` (dtop never sets it, and :func:`load_image` refuses to run if some other
-code turned it on, because then a truncated JPEG silently decodes with a grey bottom).
-
-Resize policy of the model input (SPEC §3, §5): :func:`resize_image` scales the image so that
-its longer side is ``long_side`` (rounded half up to an integer), then rounds each side to the
-nearest multiple of 16 (at least 16), so that the model never pads. One bicubic resampling with
-PIL (antialiased when downsampling: PIL widens the filter support by the scale factor). Bicubic,
-because the timm ViT/hybrid backbones are pretrained and evaluated with bicubic resizing, and it
-is sharper than bilinear when the multi-scale extraction upsamples (scale √2).
+:func:`load_image` returns 8-bit RGB in the stored pixel layout (no EXIF rotation unless asked),
+with transparency composited on white, and raises :class:`ImageLoadError` with the reason for
+any unreadable file. :func:`resize_image` gives the model a size whose sides are multiples of 16,
+rounded by :func:`round_to_multiple` (halves up). ``docs/data.md`` gives the conversion rules and
+the reasons.
 """
 
 from __future__ import annotations
@@ -87,7 +60,7 @@ class ImageLoadError(DataError):
 
 
 def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Convert a loaded image of any PIL mode to 8-bit RGB (see the module docstring)."""
+    """Convert a loaded image of any PIL mode to 8-bit RGB (the rules are in docs/data.md)."""
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info:
         return img
@@ -299,9 +272,11 @@ def normalize(
     (no host-to-device copy). Extraction moves uint8 batches to the GPU and normalises there;
     :func:`to_tensor` runs the same arithmetic on the CPU.
     """
-    if not isinstance(mean, torch.Tensor) or not isinstance(std, torch.Tensor):
-        mean, std = channel_tensors(mean, std, x.device)
-    return x.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+    if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor):
+        mean_t, std_t = mean, std
+    else:
+        mean_t, std_t = channel_tensors([float(v) for v in mean], [float(v) for v in std], x.device)
+    return x.to(torch.float32).div_(255.0).sub_(mean_t).div_(std_t)
 
 
 def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -1,18 +1,8 @@
 """Datasets in the revisited format: ROxford5k, RParis6k, a user's own benchmark, the R1M list.
 
-Layout (SPEC §7): ``<root>/<name>/jpg/<image name>.jpg`` and ``<root>/<name>/gnd_<name>.pkl``. A
-user's dataset is any folder with a ``jpg/`` sub-folder and one ground-truth file ``gnd_*.pkl`` or
-``gnd_*.json`` (read by :func:`dtop.data.gnd.load_gnd`).
-
-Image names follow the reference code: a name without an image extension gets ``.jpg``; a name that
-already ends in an image extension (``.jpg``, ``.png``, ...) is used as it is.
-
-Queries are the **bbx crop** of the query image, done exactly as the revisitop example code
-(``Image.open(...).convert("RGB").crop(bbx)``; PIL rounds the float coordinates half to even, see
-:func:`dtop.data.images.crop_bbx`). Database images are **never cropped**: in a dataset where a
-query image also appears in ``imlist`` (possible in a user's dataset; the official ROxford5k and
-RParis6k lists happen to hold the 70 query images only in ``qimlist``), its database copy is the
-whole image.
+A dataset is ``<root>/<name>/jpg/`` with one ground-truth file ``gnd_<name>.pkl`` or ``.json``.
+Queries are cropped to their bbx as the reference code does; database images never are. See
+``docs/data.md``.
 """
 
 from __future__ import annotations

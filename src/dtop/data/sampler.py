@@ -1,43 +1,9 @@
 """Batch samplers for training: group-size sampling (Yokoo et al. 2020) and fixed square batches.
 
-Both samplers are ``batch_sampler``\\ s of a :class:`torch.utils.data.DataLoader`: each batch is a
-list ``[(index, (H, W)), ...]`` with one common size, which
-:class:`~dtop.data.training.TrainDataset` resizes every image of the batch to.
-
-**Group-size sampling** (:class:`GroupSizeBatchSampler`). Images are put in buckets by aspect ratio
-``w / h`` (:data:`DEFAULT_BUCKET_EDGES`: the edges lie between the common photo formats 1:1, 5:4,
-4:3, 3:2, 16:9, 2:1 and panoramas, in both orientations). A bucket with fewer images than
-``min_bucket_size`` (default: one batch) is merged into its nearest neighbour, so that no image is
-left without a batch. The size of a bucket: the longer side is ``train_size``, the shorter side
-follows the bucket's *median* aspect ratio (clamped to ``[1/max_aspect, max_aspect]``) and is
-rounded to a multiple of 16 (at least 16). Each batch takes its images from one bucket.
-
-**One epoch** (deterministic for ``(seed, epoch)``; independent of global RNG state):
-
-1. each bucket's images are shuffled and cut into batches of ``batch_size``; a bucket's leftover
-   (``n mod batch_size`` images) is dropped when ``drop_last`` (different images each epoch), and
-   forms a smaller batch otherwise;
-2. the batches of all buckets are shuffled together;
-3. the number of batches ``B`` is made a multiple of ``world_size`` so that every rank runs the
-   same number of steps (DDP needs it): with ``drop_last`` the last ``B mod world_size`` batches
-   are dropped; without, the largest batches are split in two (so no image is repeated) until it
-   is; only when there are not enough images to split are batches repeated (padding);
-4. rank ``r`` takes batches ``r, r + world_size, r + 2·world_size, ...``: the ranks' parts are
-   disjoint, and together they hold every image exactly once (``drop_last=False``) or at most
-   once (``drop_last=True``, where at most ``batch_size - 1`` images per bucket plus
-   ``world_size - 1`` batches are dropped per epoch).
-
-``len(sampler)`` is the number of batches of one rank per epoch (the same for every epoch).
-
-**Resuming**: :meth:`state_dict` records the epoch and the number of batches of the epoch that this
-rank has *consumed*; :meth:`load_state_dict` makes the next iteration start after them, so the rest
-of the epoch is exactly what it would have been. The sampler counts the batches it has handed out,
-but a DataLoader with workers fetches batches ahead of the training loop: pass the number the loop
-actually consumed, ``state_dict(batches_done=n)``. :meth:`set_epoch` with a new epoch starts that
-epoch from its first batch (call it before :meth:`load_state_dict`, or with the same epoch after).
-
-:class:`FixedSizeBatchSampler` is the baseline: one bucket, every image resized to
-``train_size × train_size``; the same epoch rules and interface.
+Both are ``batch_sampler``\\ s of a :class:`torch.utils.data.DataLoader`: each batch is a list
+``[(index, (H, W)), ...]`` with one common size. An epoch is deterministic for ``(seed, epoch)``,
+split into disjoint, equally long parts for the ranks, and resumable mid-epoch
+(:meth:`~GroupSizeBatchSampler.state_dict`). ``docs/data.md`` describes the buckets and the epoch.
 """
 
 from __future__ import annotations
@@ -260,7 +226,7 @@ class _BucketBatchSampler:
 
 
 class GroupSizeBatchSampler(_BucketBatchSampler):
-    """Group-size sampling: batches of images of similar aspect ratio at one common size (module docstring).
+    """Group-size sampling: batches of images of similar aspect ratio at one common size (docs/data.md).
 
     ``bucket_edges``: increasing aspect-ratio (w/h) edges (default :data:`DEFAULT_BUCKET_EDGES`).
     ``min_bucket_size``: smaller buckets merge into their nearest neighbour (default ``batch_size``).
