@@ -1,41 +1,8 @@
-"""A built-in instance-retrieval benchmark, generated offline and deterministically from a seed.
+"""The built-in instance-retrieval benchmark (``dtop-mini``), generated offline and deterministically.
 
-``generate_benchmark(root)`` draws procedural scenes with numpy and PIL only (no network, no extra
-dependency) and writes them in exactly the revisited format, so every dtop tool reads them:
-
-* ``<root>/<name>/jpg/<image>.jpg`` and ``<root>/<name>/gnd_<name>.pkl`` (``imlist``, ``qimlist``,
-  ``gnd`` = one ``{bbx, easy, hard, junk}`` per query; plain dicts, lists, str, int and float, so the
-  restricted unpickler of :func:`dtop.data.gnd.load_gnd` reads it);
-* a training split of other instances, a folder per class: ``<root>/<name>-train/<class>/<image>.jpg``,
-  and the same list as ``<root>/<name>-train/train.csv`` (``path,label``; paths relative to the CSV).
-
-Each *instance* is a distinctive object (a building facade with windows, an emblem of patterned
-shapes, a sign panel with text-like glyphs) drawn from its own random stream, and pasted into
-scenes with random backgrounds and clutter made of the same colours and shapes. Backgrounds never
-depend on the instance, so instances are told apart by the object's appearance only. Views:
-
-* **query**: mild viewpoint change, the object large; ``bbx`` is the box around the object;
-* **easy**: mild perspective warp, rotation, scale and lighting change;
-* **hard**: strong warp, small or large scale, strong lighting change and shadow, blur, partial
-  occlusion by clutter;
-* **junk**: barely visible: tiny, heavily occluded or mostly outside the frame;
-* **distractors**: scenes without any test instance (often with another, unrelated object).
-
-Query images are only in ``qimlist`` (as in ROxford5k); database names are opaque and shuffled, so
-nothing but the pixels tells an image's instance. The training instances are disjoint from the
-test instances. Every image is generated from its own seed stream, so the output does not depend
-on generation order; the same parameters give byte-identical files (same numpy/Pillow/libjpeg).
-
-Difficulty (seed 0, defaults, single scale 128 px, measured on 2 CPU cores): chance is about 1.5 %
-mAP (Medium); the randomly initialised ``dtop_tiny`` / ``cls_tiny`` score about 4 %, a colour
-histogram of the whole image about 9 %, and ``dtop_tiny`` trained 4 minutes from scratch on the
-training split (normalised softmax, scale 16, no margin, AdamW 3e-4, batch 32 at 128 px, random
-crops) about 16 % (Hard: 2 % untrained, 10 % trained). More training instances help more than more
-views per instance.
-
-Generation is idempotent: a finished benchmark records its parameters in ``synthetic.json`` in both
-folders and is not regenerated for the same parameters. A run builds into a hidden temporary folder
-and moves the result into place at the end, so a killed run never leaves a half-made benchmark.
+``generate_benchmark(root)`` writes a benchmark in the revisited format plus a folder-per-class
+training split of other instances; see ``docs/apps.md`` for the layout, the views and the measured
+difficulty.
 """
 
 from __future__ import annotations
