@@ -117,7 +117,7 @@ def name_heatmap_models(heatmap_models: Sequence[Any] | None, models: list[dict[
         name = None
         if by_fp:
             try:
-                from dtop.engine.extract import model_fingerprint
+                from dtop.models.identity import model_fingerprint
 
                 name = by_fp.get(model_fingerprint(item))
             except Exception:  # a model the fingerprint cannot handle is still shown, under a generic name
