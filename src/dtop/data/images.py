@@ -9,13 +9,16 @@ the reasons.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import stat
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import torch
@@ -24,6 +27,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from dtop.errors import DataError
+from dtop.utils.paths import show_path
+
+log = logging.getLogger(__name__)
 
 ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 """Background colour (white) on which images with transparency are composited."""
@@ -53,10 +59,10 @@ _TRANSPOSE = {
 class ImageLoadError(DataError):
     """An image file is missing, empty, not an image, truncated or otherwise unreadable."""
 
-    def __init__(self, path: str | os.PathLike, reason: str) -> None:
-        self.path = str(path)
+    def __init__(self, path: str | bytes | os.PathLike, reason: str) -> None:
+        self.path = os.fsdecode(path)
         self.reason = reason
-        super().__init__(f"cannot load image {self.path}: {reason}")
+        super().__init__(f"cannot load image {show_path(self.path)}: {reason}")
 
 
 def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -87,6 +93,67 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return img.convert("RGB")
 
 
+def _open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` for reading if it is a regular file; :class:`ImageLoadError` with the reason if not.
+
+    The file is opened non-blocking and checked with ``fstat`` before a byte is read, so a FIFO, a
+    device or a folder is refused without ever waiting on it.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise ImageLoadError(path, "dangling symbolic link (its target does not exist); fix or remove the link"
+                                 ) from None
+        raise ImageLoadError(path, "file not found (check the path, or download the dataset)") from None
+    except PermissionError as err:
+        raise ImageLoadError(path, f"permission denied ({err.strerror}); make the file readable (chmod +r) "
+                             "or leave it out") from None
+    except IsADirectoryError:
+        raise ImageLoadError(path, "a folder, not an image file") from None
+    except OSError as err:
+        raise ImageLoadError(path, f"cannot open the file ({err.strerror or err})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO, device or socket"
+            raise ImageLoadError(path, f"not a regular file ({kind}); give image files only")
+        if st.st_size == 0:
+            raise ImageLoadError(path, "empty file (0 bytes); the download or copy failed, fetch it again")
+        if flags & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _decode_reason(err: BaseException, fp: BinaryIO) -> str:
+    """Why decoding failed, for :class:`ImageLoadError` (any exception of PIL is the image's failure)."""
+    if isinstance(err, UnidentifiedImageError):
+        fp.seek(0)
+        head = fp.read(8)
+        return f"not an image file in a format PIL can read (the file starts with {head!r})"
+    if isinstance(err, Image.DecompressionBombError):
+        return f"image too large to decode safely ({err})"
+    if isinstance(err, MemoryError):
+        return "image too large to decode in the available memory"
+    text = str(err) or type(err).__name__
+    if isinstance(err, OSError) and err.errno is not None:  # an I/O error of the file system, not PIL's
+        return f"read error ({err.strerror or text}); check the disk or copy the file again"
+    if "truncated" in text.lower():
+        return f"truncated image data ({text}); the file is incomplete, download or copy it again"
+    return f"corrupt or unsupported image data ({type(err).__name__}: {text})"
+
+
+def _report_warnings(path: Path, caught: list[warnings.WarningMessage]) -> None:
+    """Log the distinct warnings PIL gave while decoding ``path``, once each, naming the file (they do not
+    reach the ``warnings`` module, whose per-process registry repeats them in every DataLoader worker)."""
+    for message in dict.fromkeys(str(w.message).strip() for w in caught):
+        log.warning("%s: %s", show_path(path), message)
+
+
 def _open_rgb(
     path: str | os.PathLike,
     draft_long_side: float | None = None,
@@ -100,49 +167,33 @@ def _open_rgb(
             "would load silently with missing pixels. Set it back to False before loading images "
             "with dtop."
         )
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ImageLoadError(path, "file not found (check the path, or download the dataset)") from None
-    except OSError as err:
-        raise ImageLoadError(path, f"cannot access the file ({err.strerror or err})") from err
-    if not path.is_file():
-        raise ImageLoadError(path, "not a regular file")
-    if size == 0:
-        raise ImageLoadError(path, "empty file (0 bytes); the download or copy failed, fetch it again")
-    try:
-        # Open the file ourselves: closing it after load() keeps the decoded pixels, whereas closing
-        # a PIL image that opened its own file discards them (and would force a copy).
-        with open(path, "rb") as fp:
+    # We own the file object: closing it after load() keeps the decoded pixels, whereas closing a
+    # PIL image that opened its own file discards them (and would force a copy).
+    with _open_regular(path) as fp, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
             im = Image.open(fp)
-            orientation = 1
-            try:
-                orientation = int(im.getexif().get(_ORIENTATION_TAG, 1) or 1)
-            except Exception:  # a corrupt EXIF block must not make a readable image unreadable
-                orientation = 1
+            orientation = _orientation(im)
             if draft_long_side is not None and im.format == "JPEG" and draft_long_side > 0:
                 w, h = im.size
                 k = DRAFT_MARGIN * float(draft_long_side) / max(w, h)
                 if k < 1.0:
                     im.draft(im.mode, (max(1, math.ceil(w * k)), max(1, math.ceil(h * k))))
             im.load()
-        rgb = _to_rgb(im, background)
-    except UnidentifiedImageError:
-        with open(path, "rb") as f:
-            head = f.read(8)
-        raise ImageLoadError(
-            path, f"not an image file in a format PIL can read (the file starts with {head!r})"
-        ) from None
-    except Image.DecompressionBombError as err:
-        raise ImageLoadError(path, f"image too large to decode safely ({err})") from err
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        reason = str(err) or type(err).__name__
-        if "truncated" in reason.lower():
-            reason = f"truncated image data ({reason}); the file is incomplete, download or copy it again"
-        else:
-            reason = f"corrupt or unsupported image data ({type(err).__name__}: {reason})"
-        raise ImageLoadError(path, reason) from err
+            rgb = _to_rgb(im, background)
+        except Exception as err:  # whatever PIL raises on a malformed file, it is this image's failure
+            raise ImageLoadError(path, _decode_reason(err, fp)) from err
+    _report_warnings(path, caught)  # of an image that loaded (a failure's reason says enough)
     return rgb, orientation
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation of ``im`` (1 if none or unreadable: a corrupt EXIF block must not make a
+    readable image unreadable)."""
+    try:
+        return int(im.getexif().get(_ORIENTATION_TAG, 1) or 1)
+    except Exception:
+        return 1
 
 
 def _apply_orientation(img: Image.Image, orientation: int) -> Image.Image:
@@ -434,16 +485,25 @@ _SIZE_THREADS = 16
 
 def _read_one_size(path: str) -> tuple[int, int]:
     try:
-        with Image.open(path) as im:
+        with _open_regular(Path(path)) as fp, Image.open(fp) as im:
             return int(im.size[0]), int(im.size[1])
-    except Exception:  # missing, not an image, corrupt header: unknown size, skipped when loaded
+    except Exception:  # missing, not a regular file, not an image, corrupt header: unknown, fails when loaded
         return 0, 0
 
 
 def read_image_sizes(
     paths: Sequence[str], *, workers: int | None = None, progress: bool = True, desc: str = "image sizes"
 ) -> np.ndarray:
-    """``(N, 2)`` int64 width, height from the image headers (PIL, no decoding; ``(0, 0)`` if unreadable)."""
+    """``(N, 2)`` int64 width, height from the image headers (PIL, no decoding; ``(0, 0)`` if unreadable).
+
+    Only regular files are opened; PIL's warnings are left to the full load, which reports them.
+    """
+    with warnings.catch_warnings():  # once around the threads: catch_warnings is not thread-safe
+        warnings.simplefilter("ignore")
+        return _read_sizes(paths, workers, progress, desc)
+
+
+def _read_sizes(paths: Sequence[str], workers: int | None, progress: bool, desc: str) -> np.ndarray:
     n = len(paths)
     out = np.zeros((n, 2), dtype=np.int64)
     workers = workers or min(_SIZE_THREADS, 4 * (os.cpu_count() or 1))
