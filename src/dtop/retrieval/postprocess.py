@@ -1,7 +1,8 @@
 """Query-side post-processing of L2-normalised global descriptors: αQE, αDBA and the pipeline.
 
 :class:`PostProcessing` runs whitening (:mod:`dtop.retrieval.whitening`), αDBA and αQE in the fixed
-order ``whiten → dba → qe``, built from ``--post`` step strings such as ``"qe:k=5,alpha=3"``.
+order ``whiten → dba → qe``, then after the search at most one re-ranking step (diffusion or
+SuperGlobal, :mod:`dtop.retrieval.rerank`), built from ``--post`` step strings such as ``"qe:k=5,alpha=3"``.
 Definitions, order and memory bounds: docs/retrieval.md.
 """
 
@@ -11,11 +12,15 @@ import difflib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Self
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dtop.errors import ConfigError
+from dtop.retrieval.diffusion import KnnGraph, diffusion_rerank, knn_graph_for
+from dtop.retrieval.rerank import check_param
 from dtop.retrieval.search import search
+from dtop.retrieval.superglobal import superglobal_rerank
 from dtop.retrieval.whitening import (
     Whitening,
     check_descriptor_tensor,
@@ -27,8 +32,8 @@ from dtop.retrieval.whitening import (
 
 QUERY_CHUNK = 1024  # query (or database) rows whose neighbours are summed at once
 
-#: The fixed order in which :class:`PostProcessing` runs its steps.
-STEP_ORDER: tuple[str, ...] = ("whiten", "dba", "qe")
+#: The fixed order in which :class:`PostProcessing` runs its steps (a re-ranking step comes last).
+STEP_ORDER: tuple[str, ...] = ("whiten", "dba", "qe", "diffusion", "superglobal")
 
 
 # ------------------------------------------------------------------------------------ k-NN search
@@ -254,7 +259,104 @@ class QueryExpansion(PostStep):
         return f"QueryExpansion(k={self.k}, alpha={self.alpha})"
 
 
-STEPS: dict[str, type[PostStep]] = {cls.name: cls for cls in (Whiten, DatabaseAugmentation, QueryExpansion)}
+class RerankStep(PostStep):
+    """A re-ranking step: after the search, reorders the first :attr:`depth` results of each query."""
+
+    @property
+    def depth(self) -> int:
+        """How many results of each query it reorders (the search must return at least that many)."""
+        raise NotImplementedError
+
+    def rerank(
+        self, queries: torch.Tensor, database: torch.Tensor, scores: np.ndarray, indices: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Re-ranked ``(scores, indices)`` lists of the processed ``queries`` in the processed ``database``."""
+        raise NotImplementedError
+
+
+class Diffusion(RerankStep):
+    """Diffusion on the reciprocal k-NN graph of the database; see :mod:`dtop.retrieval.diffusion`."""
+
+    name = "diffusion"
+    params = ("k", "kq", "gamma", "alpha", "trunc", "iterations", "tol", "cache")
+
+    def __init__(
+        self, k: int = 50, kq: int = 10, gamma: float = 3.0, alpha: float = 0.99, trunc: int = 10000,
+        iterations: int = 20, tol: float = 1e-6, cache: str | None = None, chunk_size: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        check_param(k, "k", "diffusion", integer=True, low=2)
+        check_param(trunc, "trunc", "diffusion", integer=True, low=1)
+        check_param(kq, "kq", "diffusion", integer=True, low=1)
+        check_param(gamma, "gamma", "diffusion", low=0, open_low=True)
+        check_param(alpha, "alpha", "diffusion", low=0, high=1, open_high=True)
+        check_param(iterations, "iterations", "diffusion", integer=True, low=1)
+        check_param(tol, "tol", "diffusion", low=0, open_low=True)
+        self.k, self.kq, self.gamma, self.alpha, self.trunc = k, kq, float(gamma), float(alpha), trunc
+        self.iterations, self.tol, self.cache = iterations, float(tol), cache
+        self.chunk_size, self.device = chunk_size, device
+        self._graph: tuple[Any, KnnGraph] | None = None  # (database, its graph)
+
+    @property
+    def depth(self) -> int:
+        """The truncation: each query's top ``trunc`` results are diffused and reordered."""
+        return self.trunc
+
+    def graph_for(self, database: torch.Tensor) -> KnnGraph:
+        """The k-NN graph of ``database`` (built once per database object, or read from ``cache``)."""
+        if self._graph is None or self._graph[0] is not database:
+            graph = knn_graph_for(database, self.k, self.gamma, cache=self.cache, chunk_size=self.chunk_size,
+                                  device=self.device)
+            self._graph = (database, graph)
+        return self._graph[1]
+
+    def rerank(
+        self, queries: torch.Tensor, database: torch.Tensor, scores: np.ndarray, indices: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Diffuse from each query's ``kq`` best results and reorder its top ``trunc``."""
+        return diffusion_rerank(scores, indices, self.graph_for(database), trunc=self.trunc, kq=self.kq,
+                                gamma=self.gamma, alpha=self.alpha, tol=self.tol, iterations=self.iterations)
+
+    def __repr__(self) -> str:
+        return f"Diffusion(k={self.k}, kq={self.kq}, trunc={self.trunc}, gamma={self.gamma}, alpha={self.alpha})"
+
+
+class SuperGlobal(RerankStep):
+    """SuperGlobal re-ranking of each query's top ``m``; see :mod:`dtop.retrieval.superglobal`."""
+
+    name = "superglobal"
+    params = ("m", "k", "kq", "beta")
+
+    def __init__(
+        self, m: int = 400, k: int = 9, kq: int = 10, beta: float = 0.15, chunk_size: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        check_param(m, "m", "superglobal", integer=True, low=1)
+        check_param(k, "k", "superglobal", integer=True, low=0)
+        check_param(kq, "kq", "superglobal", integer=True, low=1)
+        check_param(beta, "beta", "superglobal", low=0)
+        self.m, self.k, self.kq, self.beta = m, k, kq, float(beta)
+        self.device = device  # chunk_size is not used: SuperGlobal reads the top results only
+
+    @property
+    def depth(self) -> int:
+        """Each query's top ``m`` results are reordered."""
+        return self.m
+
+    def rerank(
+        self, queries: torch.Tensor, database: torch.Tensor, scores: np.ndarray, indices: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Refine the top ``m`` by their neighbourhoods, expand the query, reorder."""
+        return superglobal_rerank(queries, database, scores, indices, m=self.m, k=self.k, kq=self.kq,
+                                  beta=self.beta, device=self.device)
+
+    def __repr__(self) -> str:
+        return f"SuperGlobal(m={self.m}, k={self.k}, kq={self.kq}, beta={self.beta})"
+
+
+STEPS: dict[str, type[PostStep]] = {
+    cls.name: cls for cls in (Whiten, DatabaseAugmentation, QueryExpansion, Diffusion, SuperGlobal)
+}
 
 
 # --------------------------------------------------------------------------------------- pipeline
@@ -296,7 +398,7 @@ def parse_step(config: StepConfig) -> tuple[str, dict[str, Any]]:
 
 
 class PostProcessing:
-    """A sequence of post-processing steps run in the fixed order ``whiten → dba → qe``.
+    """A sequence of post-processing steps run in the fixed order ``whiten → dba → qe → re-ranking``.
 
     Typical use::
 
@@ -313,6 +415,9 @@ class PostProcessing:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"post-processing step(s) {dupes} given more than once; each may appear once")
+        rerankers = [s.name for s in steps if isinstance(s, RerankStep)]
+        if len(rerankers) > 1:
+            raise ConfigError(f"post-processing: choose one re-ranking step, not {' and '.join(rerankers)}")
         self.steps: list[PostStep] = sorted(steps, key=lambda s: STEP_ORDER.index(s.name))
 
     @classmethod
@@ -391,6 +496,21 @@ class PostProcessing:
         database = self.apply_database(database)
         return self.apply_queries(queries, database), database
 
+    @property
+    def reranker(self) -> RerankStep | None:
+        """The re-ranking step, if any (it runs after the search: :meth:`rerank`)."""
+        return next((s for s in self.steps if isinstance(s, RerankStep)), None)
+
+    def rerank(
+        self, queries: torch.Tensor, database: torch.Tensor, scores: np.ndarray, indices: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Re-rank search results of the processed descriptors (unchanged without a re-ranking step).
+
+        Only the first ``reranker.depth`` results of each list move; search at least that deep.
+        """
+        step = self.reranker
+        return (scores, indices) if step is None else step.rerank(queries, database, scores, indices)
+
     def describe(self) -> list[dict[str, Any]]:
         """The steps in the order they run, with parameters (for result files)."""
         return [s.describe() for s in self.steps]
@@ -401,6 +521,7 @@ class PostProcessing:
 
 __all__ = [
     "PostProcessing", "PostStep", "Whiten", "DatabaseAugmentation", "QueryExpansion", "parse_step",
+    "RerankStep", "Diffusion", "SuperGlobal",
     "alpha_query_expansion", "alpha_database_augmentation",
     # whitening, re-exported: the pipeline's first step
     "Whitening", "fit_pca_whitening", "fit_learned_whitening", "save_whitening", "load_whitening",
