@@ -303,6 +303,21 @@ def diffuse(
     return conjugate_gradient(matvec, y.to(torch.float64), tol=tol, iterations=iterations)
 
 
+def check_diffusion_params(
+    k: int = 50, trunc: int = 1, kq: int = 1, gamma: float = 3.0, alpha: float = 0.99, tol: float = 1e-6,
+    iterations: int = 1,
+) -> None:
+    """Raise :class:`ConfigError` for a diffusion parameter out of its range."""
+    what = "diffusion"
+    check_param(k, "k", what, integer=True, low=2)
+    check_param(trunc, "trunc", what, integer=True, low=1)
+    check_param(kq, "kq", what, integer=True, low=1)
+    check_param(gamma, "gamma", what, low=0, open_low=True)
+    check_param(alpha, "alpha", what, low=0, high=1, open_high=True)
+    check_param(tol, "tol", what, low=0, open_low=True)
+    check_param(iterations, "iterations", what, integer=True, low=1)
+
+
 def diffusion_rerank(
     scores: Any,
     indices: Any,
@@ -321,13 +336,7 @@ def diffusion_rerank(
     ``y = max(s, 0)^gamma``; the results become ``(f, index)`` ordered by ``f`` descending, equal
     ``f`` by increasing index (an image the diffusion does not reach has ``f = 0``).
     """
-    what = "diffusion"
-    check_param(trunc, "trunc", what, integer=True, low=1)
-    check_param(kq, "kq", what, integer=True, low=1)
-    check_param(gamma, "gamma", what, low=0, open_low=True)
-    check_param(alpha, "alpha", what, low=0, high=1, open_high=True)
-    check_param(tol, "tol", what, low=0, open_low=True)
-    check_param(iterations, "iterations", what, integer=True, low=1)
+    check_diffusion_params(trunc=trunc, kq=kq, gamma=gamma, alpha=alpha, tol=tol, iterations=iterations)
     s, idx = check_lists(scores, indices, graph.n)
     n = min(trunc, s.shape[1])
     f = torch.zeros((s.shape[0], n), dtype=torch.float64)
@@ -345,5 +354,5 @@ def diffusion_rerank(
 
 __all__ = [
     "KnnGraph", "build_knn_graph", "knn_graph_for", "save_knn_graph", "load_knn_graph", "database_digest",
-    "conjugate_gradient", "diffuse", "diffusion_rerank",
+    "conjugate_gradient", "diffuse", "diffusion_rerank", "check_diffusion_params",
 ]

@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from dtop.errors import ConfigError
-from dtop.retrieval.diffusion import KnnGraph, diffusion_rerank, knn_graph_for
-from dtop.retrieval.rerank import check_param
+from dtop.retrieval.diffusion import KnnGraph, check_diffusion_params, diffusion_rerank, knn_graph_for
 from dtop.retrieval.search import search
-from dtop.retrieval.superglobal import superglobal_rerank
+from dtop.retrieval.superglobal import check_superglobal_params, superglobal_rerank
 from dtop.retrieval.whitening import (
     Whitening,
     check_descriptor_tensor,
@@ -285,13 +284,7 @@ class Diffusion(RerankStep):
         iterations: int = 20, tol: float = 1e-6, cache: str | None = None, chunk_size: int | None = None,
         device: str | torch.device | None = None,
     ) -> None:
-        check_param(k, "k", "diffusion", integer=True, low=2)
-        check_param(trunc, "trunc", "diffusion", integer=True, low=1)
-        check_param(kq, "kq", "diffusion", integer=True, low=1)
-        check_param(gamma, "gamma", "diffusion", low=0, open_low=True)
-        check_param(alpha, "alpha", "diffusion", low=0, high=1, open_high=True)
-        check_param(iterations, "iterations", "diffusion", integer=True, low=1)
-        check_param(tol, "tol", "diffusion", low=0, open_low=True)
+        check_diffusion_params(k, trunc, kq, gamma, alpha, tol, iterations)
         self.k, self.kq, self.gamma, self.alpha, self.trunc = k, kq, float(gamma), float(alpha), trunc
         self.iterations, self.tol, self.cache = iterations, float(tol), cache
         self.chunk_size, self.device = chunk_size, device
@@ -331,10 +324,7 @@ class SuperGlobal(RerankStep):
         self, m: int = 400, k: int = 9, kq: int = 10, beta: float = 0.15, chunk_size: int | None = None,
         device: str | torch.device | None = None,
     ) -> None:
-        check_param(m, "m", "superglobal", integer=True, low=1)
-        check_param(k, "k", "superglobal", integer=True, low=0)
-        check_param(kq, "kq", "superglobal", integer=True, low=1)
-        check_param(beta, "beta", "superglobal", low=0)
+        check_superglobal_params(m, k, kq, beta)
         self.m, self.k, self.kq, self.beta = m, k, kq, float(beta)
         self.device = device  # chunk_size is not used: SuperGlobal reads the top results only
 

@@ -53,6 +53,14 @@ def superglobal_scores(q: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, k: i
     return (s1 + s2) / 2
 
 
+def check_superglobal_params(m: int, k: int, kq: int, beta: float) -> None:
+    """Raise :class:`ConfigError` for a SuperGlobal parameter out of its range."""
+    check_param(m, "m", "superglobal", integer=True, low=1)
+    check_param(k, "k", "superglobal", integer=True, low=0)
+    check_param(kq, "kq", "superglobal", integer=True, low=1)
+    check_param(beta, "beta", "superglobal", low=0)
+
+
 def superglobal_rerank(
     queries: Any,
     database: Any,
@@ -71,11 +79,7 @@ def superglobal_rerank(
     first ``min(m, L)`` entries reordered by the SuperGlobal score (equal scores by increasing
     index) and carrying it as their score. ``device``: where the scores are computed (default CPU).
     """
-    what = "superglobal"
-    check_param(m, "m", what, integer=True, low=1)
-    check_param(k, "k", what, integer=True, low=0)
-    check_param(kq, "kq", what, integer=True, low=1)
-    check_param(beta, "beta", what, low=0)
+    check_superglobal_params(m, k, kq, beta)
     qs, db = check_matrix(queries, "queries"), check_matrix(database, "database")
     if int(qs.shape[1]) != int(db.shape[1]):
         raise DataError(f"queries have dimension {qs.shape[1]} but the database has {db.shape[1]}")
@@ -103,4 +107,4 @@ def _rows(x: np.ndarray | torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.asarray(x[rows.numpy()], dtype=np.float32))
 
 
-__all__ = ["superglobal_rerank", "superglobal_scores", "refine_candidates"]
+__all__ = ["superglobal_rerank", "superglobal_scores", "refine_candidates", "check_superglobal_params"]
