@@ -25,7 +25,7 @@ from dtop.retrieval.diffusion import (
 )
 from dtop.retrieval.metrics import evaluate, evaluate_scores
 from dtop.retrieval.postprocess import Diffusion, PostProcessing, SuperGlobal
-from dtop.retrieval.rerank import lift_reranked, order_by_score
+from dtop.retrieval.rerank import evaluate_reranked, lift_reranked, order_by_score
 from dtop.retrieval.search import iter_scores, search
 from dtop.retrieval.superglobal import superglobal_rerank
 
@@ -369,6 +369,17 @@ def test_lifted_scores_equal_the_reranked_ranks(depth: int) -> None:
     full = np.stack([np.concatenate([top, r]) for top, r in zip(reranked, rest)]).T
     lifted = lift_reranked(iter_scores(q, x, chunk_size=64), reranked, scores[:, 0])
     assert evaluate_scores(lifted, gnd) == evaluate(full, gnd)
+
+
+@pytest.mark.parametrize("step", [SuperGlobal(m=40, k=3), Diffusion(k=6, trunc=80, kq=4)], ids=["sg", "diffusion"])
+def test_evaluate_reranked_scores_the_full_reranked_lists(step) -> None:
+    x, q = clustered(300, 12, seed=15), clustered(5, 12, seed=16)
+    gnd = toy_gnd(280, 5, seed=17)
+    results, top = evaluate_reranked(q, x, gnd, step, topk=30)
+    scores, indices = search(q, x, 300)
+    _, reranked = step.rerank(q, x, scores, indices)  # the whole list: the re-ranked top, then the rest
+    assert evaluate(reranked.T, gnd) == results
+    assert np.array_equal(top, reranked[:, :30])
 
 
 # --------------------------------------------------------------------------------- pipeline

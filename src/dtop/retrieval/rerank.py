@@ -11,12 +11,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from dtop.data.gnd import GroundTruth
 from dtop.errors import ConfigError, DataError
+from dtop.retrieval.metrics import evaluate_scores
+from dtop.retrieval.search import iter_scores, search
+
+
+class Reranker(Protocol):
+    """What re-ranks search results (the ``--post`` re-ranking steps)."""
+
+    @property
+    def depth(self) -> int:
+        """How many results of each query it reorders."""
+        ...
+
+    def rerank(
+        self, queries: torch.Tensor, database: torch.Tensor, scores: np.ndarray, indices: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Re-ranked ``(scores, indices)``."""
+        ...
 
 
 def check_param(
@@ -110,4 +128,37 @@ def lift_reranked(
         yield arr
 
 
-__all__ = ["check_param", "check_lists", "order_by_score", "reorder_top", "lift_reranked"]
+def reranked_search(
+    queries: torch.Tensor, database: torch.Tensor, topk: int, reranker: Reranker | None, **search_options: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Search at least ``reranker.depth`` deep and re-rank: ``(scores, indices, plain best scores)``.
+
+    The lists hold ``max(topk, depth)`` results (at most the database size); the third array is
+    each query's best plain score (what :func:`lift_reranked` needs). ``search_options`` go to
+    :func:`dtop.retrieval.search.search` (chunk_size, device, progress).
+    """
+    depth = max(topk, reranker.depth) if reranker is not None else topk
+    scores, indices = search(queries, database, depth, **search_options)
+    ceiling = scores[:, 0].copy()
+    if reranker is not None:
+        scores, indices = reranker.rerank(queries, database, scores, indices)
+    return scores, indices, ceiling
+
+
+def evaluate_reranked(
+    queries: torch.Tensor, database: torch.Tensor, gnd: GroundTruth, reranker: Reranker, topk: int = 100
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Revisited metrics of the re-ranked full lists, and each query's first ``topk`` results.
+
+    Exact: the re-ranked top of each list, then every other image in its plain order
+    (:func:`lift_reranked`).
+    """
+    _, indices, ceiling = reranked_search(queries, database, topk, reranker)
+    blocks = lift_reranked(iter_scores(queries, database), indices[:, : reranker.depth], ceiling)
+    return evaluate_scores(blocks, gnd), indices[:, :topk]
+
+
+__all__ = [
+    "Reranker", "check_param", "check_lists", "order_by_score", "reorder_top", "lift_reranked", "reranked_search",
+    "evaluate_reranked",
+]
