@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 
 from dtop.errors import ConfigError, DataError
 from dtop.utils.io import atomic_path
+from dtop.utils.paths import decode_line, encode_line
 
 FORMAT = "dtop-descriptors"
 FORMAT_VERSION = 1
@@ -95,13 +98,104 @@ def dict_differences(name: str, stored: Any, requested: Any) -> list[str]:
     return [f"{name}: store has {stored!r}, requested {requested!r}"]
 
 
+def image_names(images: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The image list as strings (any file name: not UTF-8, with line breaks); not empty."""
+    names = [os.fsdecode(p) for p in images]
+    if not names:
+        raise DataError("cannot create a descriptor store for an empty image list")
+    return names
+
+
 def images_digest(images: Sequence[str]) -> str:
-    """sha256 of the image list as written to ``images.txt`` (one path per line)."""
+    """sha256 of the image list as written to ``images.txt`` (one name per line, see :func:`write_images`)."""
     h = hashlib.sha256()
     for name in images:
-        h.update(name.encode("utf-8"))
+        h.update(encode_line(name))
         h.update(b"\n")
     return h.hexdigest()
+
+
+def write_images(path: Path, names: Sequence[str]) -> None:
+    """Write ``images.txt``: one name per line, losslessly (:func:`dtop.utils.paths.encode_line`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(b"".join(encode_line(n) + b"\n" for n in names))
+
+
+def read_images(path: Path) -> list[str]:
+    """The names of an ``images.txt`` (:class:`DataError` if it cannot be read)."""
+    try:
+        return [decode_line(line) for line in path.read_bytes().split(b"\n")[:-1]]
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is missing or unreadable ({err}); re-extract with --overwrite") from err
+
+
+def check_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Type- and range-check the fixed keys of a manifest (an edited one is refused, never half used)."""
+
+    def refuse(key: str, what: str) -> DataError:
+        return DataError(f"{path}: {key} must be {what}, got {manifest.get(key)!r} (the manifest was edited or "
+                         "damaged); re-extract with --overwrite")
+
+    for key in ("num_images", "shard_size", "num_shards"):
+        value = manifest.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise refuse(key, "a positive integer")
+    n, size = manifest["num_images"], manifest["shard_size"]
+    if manifest["num_shards"] != math.ceil(n / size):
+        raise refuse("num_shards", f"{math.ceil(n / size)} ({n} images in shards of {size})")
+    if manifest.get("dtype") not in DTYPES:
+        raise refuse("dtype", f"one of {sorted(DTYPES)}")
+    for key in ("settings", "model"):
+        if not isinstance(manifest.get(key), dict):
+            raise refuse(key, "a JSON object")
+    if manifest.get("images_file") != IMAGES:
+        raise refuse("images_file", repr(IMAGES))
+    digest = manifest.get("images_sha256")
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise refuse("images_sha256", "a sha256 in hex")
+    if not isinstance(manifest.get("store_id", ""), str):
+        raise refuse("store_id", "a string")
+
+
+def check_marker(path: Path, marker: Any, i: int, n_items: int, dtype: str) -> dict[str, Any]:
+    """The done-marker of shard ``i`` (``n_items`` images) if its content is consistent, else a DataError."""
+    problem = _marker_problem(marker, i, n_items, dtype)
+    if problem:
+        raise damaged_marker(path, i, problem)
+    return dict(marker)
+
+
+def damaged_marker(path: Path, i: int, problem: str) -> DataError:
+    """The error for the unusable done-marker ``path`` of shard ``i``, with the repair."""
+    shard = shard_path(path.parent, i).name
+    return DataError(f"{path} is damaged ({problem}); delete it and {shard} and run the extraction again "
+                     "(that shard is extracted again)")
+
+
+def _marker_problem(marker: Any, i: int, n_items: int, dtype: str) -> str | None:
+    if not isinstance(marker, dict):
+        return "not a JSON object"
+    count, dim, failures = marker.get("count"), marker.get("dim"), marker.get("failures")
+    if marker.get("shard") != i:
+        return f"shard is {marker.get('shard')!r}, not {i}"
+    if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= n_items:
+        return f"count {count!r} is not a number of images in 0..{n_items}"
+    if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim < 1):
+        return f"dim {dim!r} is not a positive integer"
+    if (dim is None) != (count == 0):
+        return "dim must be given exactly when the shard holds descriptors"
+    if marker.get("dtype") != dtype:
+        return f"dtype {marker.get('dtype')!r} is not the store's {dtype!r}"
+    if not isinstance(marker.get("sha256"), str):
+        return "sha256 is missing"
+    if not isinstance(failures, list) or not all(
+        isinstance(f, dict) and isinstance(f.get("index"), int) and isinstance(f.get("path"), str)
+        and isinstance(f.get("reason"), str) for f in failures
+    ):
+        return "failures must be a list of {index, path, reason}"
+    if count + len(failures) != n_items:
+        return f"{count} descriptors and {len(failures)} failures do not account for the shard's {n_items} images"
+    return None
 
 
 def file_sha256(path: Path) -> str:
@@ -188,12 +282,47 @@ def write_shard_file(path: Path, i: int, descriptors: torch.Tensor, indices: tor
         return file_sha256(tmp), tmp.stat().st_size
 
 
-def read_shard_file(path: Path, marker: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(descriptors, indices)`` of a shard file (``marker`` is named in the repair hint)."""
-    from safetensors import SafetensorError, safe_open
+#: Shard files whose sha256 this process has checked: (path, sha256, size, mtime_ns).
+_VERIFIED: set[tuple[str, str, int, int]] = set()
 
+
+def read_shard_file(path: Path, marker: Path, sha256: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(descriptors, indices)`` of a shard file, checked against its marker's ``sha256`` and ``count``.
+
+    The hash is checked the first time this process reads the file (again if its size or mtime
+    changes); ``marker`` is named in the repair hint.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.numpy import load
+
+    repair = f"delete it and {marker.name} and run the extraction again (that shard is extracted again)"
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            return f.get_tensor("descriptors"), f.get_tensor("indices")
+        st = path.stat()
+        key = (str(path), sha256, st.st_size, st.st_mtime_ns)
+        if key in _VERIFIED:
+            with safe_open(str(path), framework="numpy") as f:
+                desc, idx = f.get_tensor("descriptors"), f.get_tensor("indices")
+        else:
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise DataError(f"{path} does not match the sha256 in {marker.name}: it was damaged (bit rot) or "
+                                f"changed; {repair}")
+            tensors = load(data)
+            desc, idx = tensors["descriptors"], tensors["indices"]
+            _VERIFIED.add(key)
     except (SafetensorError, OSError, ValueError, KeyError) as err:
-        raise DataError(f"{path} is missing or damaged ({err}); delete it and {marker.name} and resume") from err
+        raise DataError(f"{path} is missing or damaged ({err}); {repair}") from err
+    if desc.ndim != 2 or idx.shape != (desc.shape[0],) or desc.shape[0] != count:
+        raise DataError(f"{path} holds {desc.shape[0]} rows, its marker {marker.name} says {count}; {repair}")
+    return desc, idx
+
+
+def remove_store_files(root: Path) -> None:
+    """Remove the store's own files (``manifest.json`` first, so that no half-removed store looks valid).
+
+    The lock file stays: the caller holds it, and another process waiting for it must find the same file.
+    """
+    (root / MANIFEST).unlink(missing_ok=True)
+    for p in root.iterdir():
+        if p.name in (IMAGES, *CONSOLIDATED) or OWN_FILE_RE.match(p.name):
+            p.unlink(missing_ok=True)

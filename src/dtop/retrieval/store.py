@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import socket
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -35,16 +36,23 @@ from dtop.retrieval.shards import (
     FailureLike,
     as_failure,
     canonical,
+    check_manifest,
+    check_marker,
+    damaged_marker,
     dict_differences,
     file_sha256,
+    image_names,
     images_digest,
     marker_path,
     np_dtype,
     pending_path,
+    read_images,
     read_pending_failures,
     read_shard_file,
+    remove_store_files,
     shard_path,
     shard_rows,
+    write_images,
     write_shard_file,
 )
 from dtop.utils.io import atomic_path, read_versioned_json, write_json
@@ -57,6 +65,8 @@ class DescriptorStore:
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
         self.root = root
         self._static = {k: manifest[k] for k in STATIC_KEYS}
+        #: Tells this store from another one created later at the same place (None in stores of older dtop).
+        self._store_id: str | None = manifest.get("store_id")
         self._images: list[str] | None = None
         self._markers: dict[int, tuple[int, dict[str, Any]]] = {}
 
@@ -82,7 +92,7 @@ class DescriptorStore:
         writers, let one process create (and overwrite) and the others :meth:`open` after a barrier.
         """
         root = Path(root)
-        names = _check_image_names(images)
+        names = image_names(images)
         if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
             raise ConfigError(f"shard_size must be a positive integer, got {shard_size!r}")
         settings_c = canonical(dict(settings), "settings")
@@ -90,34 +100,40 @@ class DescriptorStore:
         dtype = settings_c.get("dtype", "float32")
         if dtype not in DTYPES:
             raise ConfigError(f"descriptor store dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        if (root / MANIFEST).is_file():
-            if not overwrite:
-                return cls._reopen(root, settings_c, model_c, names, shard_size)
-            _remove_store_files(root)
-        elif root.is_dir() and any(OWN_FILE_RE.match(p.name) and p.name.startswith("shard-") for p in root.iterdir()):
-            raise DataError(
-                f"{root} holds descriptor shards but no {MANIFEST} (a damaged store); "
-                "use --overwrite to replace it or another output directory (--out)"
-            )
-        root.mkdir(parents=True, exist_ok=True)
-        with atomic_path(root / IMAGES) as tmp:
-            tmp.write_bytes("".join(f"{n}\n" for n in names).encode("utf-8"))
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created": utc_now(),
-            "model": model_c,
-            "settings": settings_c,
-            "dtype": dtype,
-            "num_images": len(names),
-            "images_file": IMAGES,
-            "images_sha256": images_digest(names),
-            "shard_size": shard_size,
-            "num_shards": -(-len(names) // shard_size),
-        }
-        store = cls(root, manifest)
-        store._images = names
-        store.refresh_manifest()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as err:
+            raise DataError(f"{root} is a file; give a folder for the descriptor store (--out)") from err
+        # Check and create under the lock: of two writers creating one store, the second finds the
+        # first one's manifest (and reopens it, or is told that it holds other settings).
+        with file_lock(root / LOCK):
+            if (root / MANIFEST).is_file():
+                if not overwrite:
+                    return cls._reopen(root, settings_c, model_c, names, shard_size)
+                remove_store_files(root)
+            elif any(OWN_FILE_RE.match(p.name) and p.name.startswith("shard-") for p in root.iterdir()):
+                raise DataError(
+                    f"{root} holds descriptor shards but no {MANIFEST} (a damaged store); "
+                    "use --overwrite to replace it or another output directory (--out)"
+                )
+            write_images(root / IMAGES, names)
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "created": utc_now(),
+                "store_id": uuid.uuid4().hex,
+                "model": model_c,
+                "settings": settings_c,
+                "dtype": dtype,
+                "num_images": len(names),
+                "images_file": IMAGES,
+                "images_sha256": images_digest(names),
+                "shard_size": shard_size,
+                "num_shards": -(-len(names) // shard_size),
+            }
+            store = cls(root, manifest)
+            store._images = names
+            write_json(root / MANIFEST, store.manifest())
         return store
 
     @classmethod
@@ -147,6 +163,7 @@ class DescriptorStore:
             path, fmt=FORMAT, version=FORMAT_VERSION, required=STATIC_KEYS, kind="descriptor store manifest",
             damaged="re-extract with --overwrite", outdated="Re-extract with --overwrite.",
         )
+        check_manifest(path, manifest)
         return cls(root, manifest)
 
     # -------------------------------------------------------------------------------- properties
@@ -165,6 +182,11 @@ class DescriptorStore:
     def dtype(self) -> torch.dtype:
         """Storage dtype of the descriptors."""
         return DTYPES[self._static["dtype"]]
+
+    @property
+    def dtype_name(self) -> str:
+        """Storage dtype of the descriptors by name (``float16`` or ``float32``)."""
+        return str(self._static["dtype"])
 
     @property
     def num_images(self) -> int:
@@ -186,10 +208,7 @@ class DescriptorStore:
         """The image list (read from ``images.txt`` once and checked against the manifest's hash)."""
         if self._images is None:
             path = self.root / IMAGES
-            try:
-                names = path.read_bytes().decode("utf-8").split("\n")[:-1]
-            except (OSError, UnicodeDecodeError) as err:
-                raise DataError(f"{path} is missing or unreadable ({err}); re-extract with --overwrite") from err
+            names = read_images(path)
             if len(names) != self.num_images or images_digest(names) != self._static["images_sha256"]:
                 raise DataError(f"{path} does not match {MANIFEST} (edited or damaged); re-extract with --overwrite")
             self._images = names
@@ -212,7 +231,7 @@ class DescriptorStore:
         diffs = dict_differences("model", self.model_info, canonical(dict(model_info), "model_info"))
         diffs += dict_differences("settings", self.settings, canonical(dict(settings), "settings"))
         if images is not None:
-            names = [str(p) for p in images]
+            names = [os.fsdecode(p) for p in images]
             if len(names) != self.num_images or images_digest(names) != self._static["images_sha256"]:
                 diffs.append(f"image list: store has {self.num_images} images, requested {len(names)} (or other names)")
         if shard_size is not None and shard_size != self.shard_size:
@@ -252,9 +271,12 @@ class DescriptorStore:
                 stamp = p.stat().st_mtime_ns
                 cached = self._markers.get(i)
                 if cached is None or cached[0] != stamp:
-                    self._markers[i] = (stamp, json.loads(p.read_text()))
-            except (OSError, json.JSONDecodeError):
-                continue  # vanished between listing and reading (overwrite), or foreign
+                    marker = check_marker(p, json.loads(p.read_bytes()), i, len(self.shard_items(i)), self.dtype_name)
+                    self._markers[i] = (stamp, marker)
+            except FileNotFoundError:
+                continue  # vanished between listing and reading (overwrite)
+            except (OSError, ValueError) as err:  # unreadable, not JSON
+                raise damaged_marker(p, i, f"not readable JSON: {err}") from err
             found[i] = self._markers[i][1]
         return found
 
@@ -343,9 +365,11 @@ class DescriptorStore:
             "finished_at": utc_now(),
             "writer": {"host": socket.gethostname(), "pid": os.getpid(), "rank": os.environ.get("RANK")},
         }
-        write_json(marker_path(self.root, i), marker)
-        pending_path(self.root, i).unlink(missing_ok=True)
-        self.refresh_manifest()
+        with file_lock(self.root / LOCK):  # the marker commits the shard: only into this very store
+            self._check_still_there()
+            write_json(marker_path(self.root, i), marker)
+            pending_path(self.root, i).unlink(missing_ok=True)
+            write_json(self.root / MANIFEST, self.manifest())
         return path
 
     def _shard_failures(self, i: int, idx: torch.Tensor, failures: Iterable[FailureLike]) -> list[Failure]:
@@ -383,6 +407,7 @@ class DescriptorStore:
         fails = self.failures()
         return {
             **self._static,
+            **({"store_id": self._store_id} if self._store_id is not None else {}),
             "updated": utc_now(),
             "descriptor_dim": self.descriptor_dim,
             "num_finished": len(finished),
@@ -397,7 +422,22 @@ class DescriptorStore:
     def refresh_manifest(self) -> None:
         """Rewrite ``manifest.json`` from the markers on disk (atomically, under the lock)."""
         with file_lock(self.root / LOCK):  # without flock the manifest may lag, never corrupt
+            self._check_still_there()
             write_json(self.root / MANIFEST, self.manifest())
+
+    def _check_still_there(self) -> None:
+        """Raise if the manifest on disk is no longer this store's (removed, or replaced with --overwrite)."""
+        path = self.root / MANIFEST
+        try:
+            disk = json.loads(path.read_bytes())
+            same = {k: disk.get(k) for k in STATIC_KEYS} == self._static and disk.get("store_id") == self._store_id
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if not same:
+            raise DataError(
+                f"the descriptor store {self.root} was removed or replaced by another process (--overwrite) while "
+                "this one was writing to it; nothing more was written. Run the command again (one writer per --out)"
+            )
 
     def finalize(self) -> None:
         """Refresh the manifest and remove temp files left by killed writers.
@@ -414,9 +454,10 @@ class DescriptorStore:
     def read_shard(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """``(descriptors, indices)`` of finished shard ``i`` as numpy arrays."""
         self._check_shard(i)
-        if i not in self._read_markers():
+        marker = self._read_markers().get(i)
+        if marker is None:
             raise DataError(f"shard {i} of {self.root} is not finished; run the extraction again to resume")
-        return read_shard_file(shard_path(self.root, i), marker_path(self.root, i))
+        return read_shard_file(shard_path(self.root, i), marker_path(self.root, i), marker["sha256"], marker["count"])
 
     def load(
         self, numpy: bool = False, mmap: bool = False, require_complete: bool = True
@@ -462,12 +503,16 @@ class DescriptorStore:
             valid[idx] = True
 
     def _consolidated(self, dim: int) -> tuple[Path, Path]:
-        key = {"shards": {str(i): m["sha256"] for i, m in sorted(self._read_markers().items())}}
+        key: dict[str, Any] = {"shards": {str(i): m["sha256"] for i, m in sorted(self._read_markers().items())}}
         desc_path, valid_path, key_path = (self.root / n for n in CONSOLIDATED)
         try:
-            if json.loads(key_path.read_text()) == key and desc_path.is_file() and valid_path.is_file():
+            # reused while the shards are those it was built from (each hash-checked when it was read)
+            # and the files have their sizes (a truncated copy is rebuilt)
+            stored = json.loads(key_path.read_text())
+            sizes = [desc_path.stat().st_size, valid_path.stat().st_size]
+            if stored == {**key, "sizes": sizes}:
                 return desc_path, valid_path
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             pass
         key_path.unlink(missing_ok=True)
         with atomic_path(desc_path) as tmp_d, atomic_path(valid_path) as tmp_v:
@@ -478,7 +523,7 @@ class DescriptorStore:
             out.flush()
             valid.flush()
             del out, valid
-        write_json(key_path, key)
+        write_json(key_path, {**key, "sizes": [desc_path.stat().st_size, valid_path.stat().st_size]})
         return desc_path, valid_path
 
     def verify(self) -> list[str]:
@@ -502,26 +547,6 @@ class DescriptorStore:
             f"shards={len(markers)}/{self.num_shards} finished, dim={self.descriptor_dim}, "
             f"dtype={self._static['dtype']}, model={model}, failures={n_fail})"
         )
-
-
-
-def _check_image_names(images: Sequence[str | os.PathLike]) -> list[str]:
-    """The image list as strings: not empty, no line breaks (``images.txt`` holds one per line)."""
-    names = [str(p) for p in images]
-    if not names:
-        raise DataError("cannot create a descriptor store for an empty image list")
-    bad = next((n for n in names if "\n" in n or "\r" in n), None)
-    if bad is not None:
-        raise DataError(f"image path {bad!r} contains a line break; rename the file")
-    return names
-
-
-def _remove_store_files(root: Path) -> None:
-    """Remove the store's own files (``manifest.json`` first, so that no half-removed store looks valid)."""
-    (root / MANIFEST).unlink(missing_ok=True)
-    for p in root.iterdir():
-        if p.name in (IMAGES, LOCK, *CONSOLIDATED) or OWN_FILE_RE.match(p.name):
-            p.unlink(missing_ok=True)
 
 
 __all__ = ["DescriptorStore", "Failure"]

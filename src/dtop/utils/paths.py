@@ -12,7 +12,7 @@ import json
 import os
 
 #: Starts a line of :func:`encode_line` that holds a JSON string (a name with a line break); a
-#: POSIX file name never contains a NUL byte, so no plain name can start with it.
+#: POSIX file name never contains a NUL byte, so no name stored plainly starts with it.
 ESCAPED_LINE = b"\0"
 
 
@@ -43,9 +43,10 @@ def encode_line(name: str) -> bytes:
     """``name`` as the bytes of one line of a text file (without the newline), losslessly.
 
     A name is stored as its file-system bytes (UTF-8 for every name that is valid UTF-8); a name
-    with a line break (or a string no file system holds) as :data:`ESCAPED_LINE` and a JSON string.
+    with a line break (or a string no file name can be, e.g. with a NUL) as :data:`ESCAPED_LINE` and a
+    JSON string.
     """
-    if "\n" not in name and "\r" not in name:
+    if not any(c in name for c in "\n\r\0"):
         try:
             return os.fsencode(name)
         except UnicodeEncodeError:
