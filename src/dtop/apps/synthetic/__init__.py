@@ -64,11 +64,9 @@ def _is_ours(folder: Path) -> bool:
     return isinstance(m, dict) and m.get("generator") == GENERATOR_ID
 
 
-def _build(params: SyntheticParams, test_dir: Path, train_dir: Path) -> dict[str, Any]:
-    """Generate everything into ``test_dir`` and ``train_dir`` (both new); return the counts."""
+def _write_training_split(params: SyntheticParams, train_dir: Path) -> int:
+    """Training views of every training instance, a folder per class, plus ``train.csv``; the image count."""
     seed, long_side, quality = params.seed, params.image_size, params.jpeg_quality
-    jpg = test_dir / "jpg"
-    jpg.mkdir(parents=True)
     train_dir.mkdir(parents=True)
     rows: list[tuple[str, int]] = []
     for c in range(params.n_train_instances):
@@ -84,14 +82,21 @@ def _build(params: SyntheticParams, test_dir: Path, train_dir: Path) -> dict[str
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["path", "label"])
         writer.writerows(rows)
+    return len(rows)
 
-    # Test split: database views per instance, then distractors; shuffled, opaque names.
-    first = _TEST_BASE
-    db_items: list[tuple[int, str, Image.Image, dict[str, Any]]] = []  # (instance or -1, kind, image, info)
-    queries: list[tuple[int, Image.Image, dict[str, Any]]] = []
+
+_DbItem = tuple[int, str, Image.Image, dict[str, Any]]  # (instance or -1, kind, image, scene info)
+_Query = tuple[int, Image.Image, dict[str, Any]]  # (instance, image, scene info)
+
+
+def _render_test_views(params: SyntheticParams) -> tuple[list[_Query], list[_DbItem]]:
+    """Queries and database views of the test instances, then the distractors (in generation order)."""
+    seed, long_side = params.seed, params.image_size
+    db_items: list[_DbItem] = []
+    queries: list[_Query] = []
     kinds = ["easy"] * params.n_easy + ["hard"] * params.n_hard + ["junk"] * params.n_junk
     for t in range(params.n_test_instances):
-        inst = first + t
+        inst = _TEST_BASE + t
         obj = render_instance(seed, inst)
         for q in range(params.queries_per_instance):
             img, info = _scene(obj, "query", _rng(seed, _T_QUERY, inst, q), long_side)
@@ -104,7 +109,16 @@ def _build(params: SyntheticParams, test_dir: Path, train_dir: Path) -> dict[str
         other = render_instance(seed, _DISTRACTOR_OBJECT_BASE + j) if rng.random() < 0.7 else None
         img, info = _scene(other, "easy", rng, long_side)
         db_items.append((-1, "distractor", img, {**info, "kind": "distractor"}))
-    order = _rng(seed, _T_ORDER).permutation(len(db_items))
+    return queries, db_items
+
+
+def _write_test_split(params: SyntheticParams, test_dir: Path, queries: list[_Query],
+                      db_items: list[_DbItem]) -> dict[str, Any]:
+    """The database (shuffled, opaque names), the queries, the ground truth and ``images.json``."""
+    jpg = test_dir / "jpg"
+    jpg.mkdir(parents=True)
+    quality = params.jpeg_quality
+    order = _rng(params.seed, _T_ORDER).permutation(len(db_items))
     imlist: list[str] = []
     position: dict[int, int] = {}
     images_meta: dict[str, Any] = {}
@@ -128,20 +142,29 @@ def _build(params: SyntheticParams, test_dir: Path, train_dir: Path) -> dict[str
         images_meta[name] = {"instance": inst, "kind": "query", "size": list(img.size), "bbx": info["bbx"]}
     gnd_obj = {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
     (test_dir / f"gnd_{params.name}.pkl").write_bytes(pickle.dumps(gnd_obj, protocol=4))
-    counts = {
-        "train_instances": params.n_train_instances,
-        "train_images": len(rows),
-        "test_instances": params.n_test_instances,
-        "queries": len(qimlist),
-        "database": len(imlist),
-        "distractors": params.n_distractors,
-        "easy": sum(len(g["easy"]) for g in gnd[:: params.queries_per_instance]),
-        "hard": sum(len(g["hard"]) for g in gnd[:: params.queries_per_instance]),
-        "junk": sum(len(g["junk"]) for g in gnd[:: params.queries_per_instance]),
-    }
     (test_dir / "images.json").write_text(json.dumps(images_meta, indent=None, sort_keys=True) + "\n",
                                           encoding="utf-8")
-    return counts
+    per_instance = gnd[:: params.queries_per_instance]
+    return {"queries": len(qimlist), "database": len(imlist),
+            **{key: sum(len(g[key]) for g in per_instance) for key in ("easy", "hard", "junk")}}
+
+
+def _build(params: SyntheticParams, test_dir: Path, train_dir: Path) -> dict[str, Any]:
+    """Generate everything into ``test_dir`` and ``train_dir`` (both new); return the counts."""
+    train_images = _write_training_split(params, train_dir)
+    queries, db_items = _render_test_views(params)
+    test = _write_test_split(params, test_dir, queries, db_items)
+    return {
+        "train_instances": params.n_train_instances,
+        "train_images": train_images,
+        "test_instances": params.n_test_instances,
+        "queries": test["queries"],
+        "database": test["database"],
+        "distractors": params.n_distractors,
+        "easy": test["easy"],
+        "hard": test["hard"],
+        "junk": test["junk"],
+    }
 
 
 def _result(root: Path, params: SyntheticParams, counts: dict[str, Any], generated: bool,
@@ -199,20 +222,37 @@ def generate_benchmark(
     )
     params.validate()
     root = Path(root)
+    if not force:
+        counts = _finished_counts(root, params)
+        if counts is not None:
+            return _result(root, params, counts, False, 0.0)
+    start = time.perf_counter()
+    counts = _build_in_place(root, params)
+    return _result(root, params, counts, True, time.perf_counter() - start)
+
+
+def _finished_counts(root: Path, params: SyntheticParams) -> dict[str, Any] | None:
+    """The counts of a finished benchmark with these parameters under ``root``, or None."""
     test_dir, train_dir = root / params.name, root / f"{params.name}-train"
     want = _marker(params)
-    if not force:
-        found = [_read_marker(d) for d in (test_dir, train_dir)]
-        if all(isinstance(m, dict) and {k: m.get(k) for k in want} == want for m in found) and \
-                (test_dir / f"gnd_{params.name}.pkl").is_file():
-            return _result(root, params, found[0].get("counts", {}), False, 0.0)  # type: ignore[union-attr]
+    found = [_read_marker(d) for d in (test_dir, train_dir)]
+    if all(isinstance(m, dict) and {k: m.get(k) for k in want} == want for m in found) and \
+            (test_dir / f"gnd_{params.name}.pkl").is_file():
+        first = found[0]
+        return dict(first.get("counts", {})) if isinstance(first, dict) else {}
+    return None
+
+
+def _build_in_place(root: Path, params: SyntheticParams) -> dict[str, Any]:
+    """Build into a hidden folder, then move both folders into place; never overwrite foreign folders."""
+    test_dir, train_dir = root / params.name, root / f"{params.name}-train"
+    want = _marker(params)
     for d in (test_dir, train_dir):
         if d.exists() and not _is_ours(d) and (not d.is_dir() or any(d.iterdir())):
             raise DataError(
                 f"{d} exists and was not made by the synthetic benchmark generator (no {MARKER} in it); "
                 "refusing to overwrite it. Choose another root or name, or move it away."
             )
-    start = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     work = root / f".{params.name}.partial"
     if work.exists():  # left by a killed run
@@ -232,7 +272,7 @@ def generate_benchmark(
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
-    return _result(root, params, counts, True, time.perf_counter() - start)
+    return counts
 
 
 def load_image_meta(dataset_dir: str | os.PathLike) -> dict[str, Any]:
