@@ -9,7 +9,8 @@ import torch
 from PIL import Image, ImageEnhance
 
 from dtop.cli.main import main
-from dtop.engine.extract import ExtractSettings, extract
+from dtop.engine.extract import extract
+from dtop.engine.settings import ExtractSettings
 from dtop.models import build_model, save_checkpoint
 from dtop.retrieval.metrics import evaluate
 

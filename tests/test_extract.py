@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from dtop.data.images import channel_tensors, load_image, normalize, resize_image, to_tensor
-from dtop.engine.extract import ExtractSettings, _Sums, describe, extract, extract_to_store
+from dtop.engine.extract import _Sums, describe, extract, extract_to_store
+from dtop.engine.settings import ExtractSettings
 from dtop.errors import DataError
 from dtop.models import build_model, save_checkpoint
 
