@@ -20,7 +20,7 @@ def is_weights_path(spec: str) -> bool:
     return spec.endswith(WEIGHT_SUFFIXES) or os.sep in spec or Path(spec).exists()
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from a weights file without unpickling arbitrary objects.
 
     Accepts safetensors files (including dtop checkpoints, whose backbone part is returned with the
