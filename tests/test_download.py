@@ -6,6 +6,7 @@ it), can drop the connection part-way through a response, and logs every request
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -245,6 +246,20 @@ def test_extract_flattens_and_skips_unlisted(tmp_path):
     assert (written, skipped) == (2, 1)
     assert sorted(p.name for p in (tmp_path / "jpg").iterdir()) == ["p_1.jpg", "p_2.jpg"]
     assert (tmp_path / "jpg" / "p_2.jpg").read_bytes() == b"22"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tgz", "jpg"]  # no .download/ left beside it
+
+
+def test_complete_download_leaves_no_download_folder(server, tmp_path):
+    """The published md5 file of the ground truth used to keep `.download/` alive after completion."""
+    names = [f"img_{i:03d}" for i in range(4)]
+    src = _mini_source(server, names, n_archives=1)
+    gnd = server.b.files["/mini/gnd_mini.pkl"]
+    server.b.files["/mini/gnd_mini.pkl.md5"] = f"{hashlib.md5(gnd).hexdigest()}  gnd_mini.pkl\n".encode()
+    index = dataclasses.replace(src.resources[0], md5_url="http://invalid.example/gnd_mini.pkl.md5")
+    src = dataclasses.replace(src, resources=(index, *src.resources[1:]))
+    download_dataset(src, tmp_path, base_url=server.url, **FAST)
+    assert (tmp_path / "mini" / MARKER_NAME).is_file()
+    assert not (tmp_path / "mini" / ".download").exists()
 
 
 def test_extract_detects_truncated_archive(tmp_path):

@@ -7,6 +7,7 @@ import io
 import os
 import shutil
 import tarfile
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -53,15 +54,19 @@ def extract_archive(
     ``expected`` holds relative POSIX paths (``all_souls_000013.jpg``, or ``a/b/c.jpg`` for R1M); a
     member ``paris/louvre/paris_louvre_000001.jpg`` matches ``paris_louvre_000001.jpg`` and is
     written to ``dest_dir/paris_louvre_000001.jpg`` (this flattens archive sub-folders). Each file is
-    written in ``staging_dir`` and renamed into place. The archive is read to its very end (gzip
+    written in ``staging_dir`` (default: a temporary folder beside ``dest_dir``, removed afterwards)
+    and renamed into place. The archive is read to its very end (gzip
     CRC and length included). Returns ``(written, skipped)``; raises :class:`CorruptArchiveError` if
     the archive is corrupt or truncated, :class:`DownloadError` if writing fails (e.g. disk full).
     """
     archive = Path(archive)
     dest_dir = Path(dest_dir)
-    staging = Path(staging_dir) if staging_dir is not None else dest_dir.parent / ".download" / "staging"
-    staging.mkdir(parents=True, exist_ok=True)
     dest_dir.mkdir(parents=True, exist_ok=True)
+    if staging_dir is not None:
+        staging = Path(staging_dir)
+        staging.mkdir(parents=True, exist_ok=True)
+    else:  # a temporary folder beside dest_dir (same file system: renames), removed afterwards
+        staging = Path(tempfile.mkdtemp(prefix=".dtop-extract-", dir=dest_dir.parent))
     stream, raw = _open_archive_stream(archive)
     try:
         with tqdm(desc=f"extract {archive.name}", unit=" files", disable=not progress, leave=False) as bar:

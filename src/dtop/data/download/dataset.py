@@ -212,12 +212,8 @@ class _DatasetDownload:
             },
         )
         shutil.rmtree(self.dl_dir / "staging", ignore_errors=True)
-        if not self.keep_archives:
-            self.state_path.unlink(missing_ok=True)
-            try:
-                self.dl_dir.rmdir()
-            except OSError:
-                pass
+        if not self.keep_archives:  # the state and md5 files are of no use once the dataset is complete
+            shutil.rmtree(self.dl_dir, ignore_errors=True)
         self.report.n_images = len(expected)
         log.info("%s: complete, %d images verified in %s", self.source.name, len(expected), self.ds_dir)
 
