@@ -61,12 +61,12 @@ def setup_logging(level: int = logging.INFO) -> None:
     handler.setFormatter(_Formatter())
     root.addHandler(handler)
     root.setLevel(level)
-    root.propagate = False
+    # Records still propagate: the root logger has no handler in a CLI run (so nothing prints
+    # twice), and test harnesses that listen on the root logger keep seeing them.
     logging.captureWarnings(True)
     warnings_logger = logging.getLogger("py.warnings")
     if not any(isinstance(h, _TqdmHandler) for h in warnings_logger.handlers):
         warnings_logger.addHandler(handler)
-        warnings_logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
