@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import TINY_TRAIN_CONFIG, make_classes, train_state
 from dtop.data.training import TrainingSet, collate_tuples
 from dtop.engine.mining import TupleBatchSampler, TupleSampler, common_size, pairs_from_labels
 from dtop.engine.train import Trainer, build_tuple_sampler, train
 from dtop.engine.train_config import load_train_config
 from dtop.errors import ConfigError, DataError
-from test_train import TINY, _state, make_classes
 
 CONTRASTIVE = ["loss.name=contrastive", "loss.num_queries=12", "loss.pool_size=36", "loss.num_negatives=2",
                "optim.batch_size=2", "data.augment=false", "data.train_size=64", "data.num_workers=0",
@@ -30,7 +30,7 @@ def data(tmp_path_factory):
 
 
 def config(out: Path, data: Path, *extra: str):
-    return load_train_config(TINY, [f"data.root={data}", f"run.out={out}", *CONTRASTIVE, *extra])
+    return load_train_config(TINY_TRAIN_CONFIG, [f"data.root={data}", f"run.out={out}", *CONTRASTIVE, *extra])
 
 
 def records(run: Path) -> list[dict]:
@@ -149,7 +149,7 @@ def test_contrastive_resume_is_exact_across_an_epoch_boundary(tmp_path, data):
     train(config(tmp_path / "a", data, "run.max_steps=8", "optim.epochs=100"))
     train(config(tmp_path / "b", data, "run.max_steps=4", "optim.epochs=100"))
     Trainer(config(tmp_path / "b", data, "run.max_steps=8", "optim.epochs=100"), resume=True).train()
-    a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
+    a, b = train_state(tmp_path / "a"), train_state(tmp_path / "b")
     assert a["step"] == b["step"] == 8 and a["epoch"] == 1
     assert torch.equal(a["sampler"]["tuples"]["negatives"], b["sampler"]["tuples"]["negatives"])
     for key, value in a["module"].items():
@@ -192,13 +192,14 @@ def test_ddp_contrastive_ranks_mine_the_same_negatives_and_stay_in_sync(tmp_path
     common = [f"data.root={data}", *CONTRASTIVE, "optim.epochs=1", "run.max_steps=2", "run.device=cpu"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
-                    str(script), TINY, *common, f"run.out={tmp_path / 'ddp'}"], check=True, env=env, timeout=300)
+                    str(script), TINY_TRAIN_CONFIG, *common, f"run.out={tmp_path / 'ddp'}"],
+                   check=True, env=env, timeout=300)
     r0, r1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(r0["negatives"], r1["negatives"])
     for key, value in r0["module"].items():
         assert torch.equal(value, r1["module"][key]), key
     # the sharded, all-gathered mining finds what one process mining everything finds
-    one = Trainer(load_train_config(TINY, [*common, f"run.out={tmp_path / 'one'}"]))
+    one = Trainer(load_train_config(TINY_TRAIN_CONFIG, [*common, f"run.out={tmp_path / 'one'}"]))
     one.mine()
     assert torch.equal(one.sampler.tuples.negatives, r0["negatives"])
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import TINY_TRAIN_CONFIG
 from dtop.cli.main import main
 from dtop.report.curves import read_metrics, run_charts
 from dtop.report.plots import plot_runs
 
-TINY = str(Path(__file__).parents[1] / "configs" / "train" / "tiny.yaml")
 SIZE = (800, 450)  # (width, height) of the PNG files with the default --size 450x800
 
 
@@ -216,7 +216,7 @@ def test_real_training_run(tmp_path, capsys):
     bench = generate_benchmark(root, "mini", n_train_instances=4, n_test_instances=3, train_views=3,
                                n_distractors=4, image_size=64)
     run = tmp_path / "run"
-    assert main(["train", "--config", TINY, f"data.root={bench['train_dir']}", f"run.out={run}",
+    assert main(["train", "--config", TINY_TRAIN_CONFIG, f"data.root={bench['train_dir']}", f"run.out={run}",
                  "data.train_size=48", "data.num_workers=0", "optim.batch_size=4", "run.progress=false",
                  "run.log_every=1", "optim.epochs=2", "val.dataset=mini", f"val.data_root={root}",
                  "val.image_size=64", "run.device=cpu"]) == 0

@@ -9,33 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from conftest import TINY_TRAIN_CONFIG, make_classes, train_state
 from dtop.engine.train import Trainer, train
 from dtop.engine.train_config import load_train_config
 from dtop.errors import ConfigError, DataError
 
-TINY = str(Path(__file__).parents[1] / "configs" / "train" / "tiny.yaml")
-
-
-def make_classes(root: Path, n_classes: int = 6, per_class: int = 6, seed: int = 0) -> Path:
-    """Each class: a random colour pattern; its images are noisy, resized variants."""
-    rng = np.random.default_rng(seed)
-    for c in range(n_classes):
-        base = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
-        (root / f"c{c}").mkdir(parents=True)
-        for i in range(per_class):
-            w, h = [(80, 64), (64, 80), (72, 72)][i % 3]
-            img = Image.fromarray(base).resize((w, h), Image.NEAREST)
-            noisy = np.clip(np.asarray(img, dtype=np.int16) + rng.integers(-20, 20, (h, w, 3)), 0, 255)
-            Image.fromarray(noisy.astype(np.uint8)).save(root / f"c{c}" / f"{i}.jpg")
-    return root
-
 
 def config(tmp_path: Path, data: Path, *extra: str):
-    return load_train_config(TINY, [f"data.root={data}", f"run.out={tmp_path / 'run'}", "data.train_size=64",
-                                    "data.num_workers=0", "optim.batch_size=6", "run.progress=false",
-                                    "run.log_every=1", *extra])
+    return load_train_config(TINY_TRAIN_CONFIG, [
+        f"data.root={data}", f"run.out={tmp_path / 'run'}", "data.train_size=64", "data.num_workers=0",
+        "optim.batch_size=6", "run.progress=false", "run.log_every=1", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +41,11 @@ def test_loss_falls_over_20_steps(tmp_path, data):
     assert load_model(tmp_path / "run" / "last.safetensors").descriptor_dim == 64
 
 
-def _state(run: Path) -> dict:
-    return torch.load(run / "state.pt", weights_only=True)
-
-
 def test_resume_is_exact(tmp_path, data):
     train(config(tmp_path / "a", data, "run.max_steps=4", "optim.epochs=100"))
     train(config(tmp_path / "b", data, "run.max_steps=2", "optim.epochs=100"))
     Trainer(config(tmp_path / "b", data, "run.max_steps=4", "optim.epochs=100"), resume=True).train()
-    a, b = _state(tmp_path / "a" / "run"), _state(tmp_path / "b" / "run")
+    a, b = train_state(tmp_path / "a" / "run"), train_state(tmp_path / "b" / "run")
     assert a["step"] == b["step"] == 4
     for key, value in a["module"].items():
         assert torch.equal(value, b["module"][key]), key
@@ -112,10 +92,10 @@ def test_ddp_two_gloo_processes_equal_one_process_with_accumulation(tmp_path, da
               "run.progress=false", "optim.epochs=1", "data.augment=false", "run.max_steps=2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                    str(script), TINY, *common, f"run.out={tmp_path / 'ddp'}", "run.device=cpu"],
+                    str(script), TINY_TRAIN_CONFIG, *common, f"run.out={tmp_path / 'ddp'}", "run.device=cpu"],
                    check=True, env=env, timeout=300)
-    train(load_train_config(TINY, [*common, f"run.out={tmp_path / 'one'}", "optim.accum_steps=2"]))
-    ddp, one = _state(tmp_path / "ddp"), _state(tmp_path / "one")
+    train(load_train_config(TINY_TRAIN_CONFIG, [*common, f"run.out={tmp_path / 'one'}", "optim.accum_steps=2"]))
+    ddp, one = train_state(tmp_path / "ddp"), train_state(tmp_path / "one")
     assert ddp["step"] == one["step"] == 2
     for key, value in ddp["module"].items():
         torch.testing.assert_close(value, one["module"][key], rtol=1e-4, atol=1e-5, msg=key)
