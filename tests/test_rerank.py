@@ -191,6 +191,20 @@ def test_graph_engines_agree_and_graph_is_symmetric() -> None:
                 assert j != i and w[j][nb[j] == i].tolist() == [v]
 
 
+def test_approximate_graph() -> None:
+    x = clustered(2000, 12, seed=3)
+    exact = build_knn_graph(x, k=8)
+    # probing every list of the IVF index is exact search
+    full = build_knn_graph(x, k=8, ivf=4, nprobe=4)
+    assert torch.equal(full.neighbors, exact.neighbors) and full.info["engine"] == "faiss IVF4,Flat nprobe=4"
+    # one list out of 16: some neighbours are missed, the graph stays symmetric and mostly right
+    approx = build_knn_graph(x, k=8, ivf=16, nprobe=1)
+    edges = {(i, int(j)) for i, row in enumerate(approx.neighbors.tolist()) for j in row if j >= 0}
+    true = {(i, int(j)) for i, row in enumerate(exact.neighbors.tolist()) for j in row if j >= 0}
+    assert all((j, i) in edges for i, j in edges)
+    assert len(edges & true) > 0.7 * len(true)
+
+
 def test_graph_save_load_and_cache(tmp_path, monkeypatch) -> None:
     x = clustered(300, 8, seed=4)
     graph = build_knn_graph(x, k=6)
@@ -391,7 +405,7 @@ def test_pipeline_steps_parse_and_compose() -> None:
     step = pp.reranker
     assert isinstance(step, Diffusion) and step.depth == 40
     assert pp.describe()[1] == {"name": "diffusion", "k": 5, "kq": 3, "gamma": 3.0, "alpha": 0.99, "trunc": 40,
-                                "iterations": 20, "tol": 1e-6, "cache": None}
+                                "iterations": 20, "tol": 1e-6, "cache": None, "ivf": None, "nprobe": 32}
     x, q = clustered(120, 8, seed=13), clustered(4, 8, seed=14)
     pq, px = pp.process(q, x)
     scores, indices = search(pq, px, 60)

@@ -8,11 +8,13 @@ and reorders them by ``f``. The algorithm, its parameters and its cost: docs/ret
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +35,8 @@ GRAPH_FORMAT_VERSION = 1
 GRAPH_METADATA_KEY = "dtop_knn_graph"  # one key keeps the safetensors file byte-deterministic
 GraphEngine = Literal["auto", "faiss", "torch"]
 
-_ROW_CHUNK = 16384  # database rows searched (faiss) / checked for reciprocity / hashed at once
+_ROW_CHUNK = 16384  # database rows searched (faiss) / hashed at once
+_PAIR_BUDGET = 1 << 22  # (row, neighbour, neighbour's neighbour) triples compared at once: ~40 MiB
 _PROGRESS_MIN_QUERIES = 200
 
 
@@ -73,14 +76,19 @@ class KnnGraph:
         return int((self.neighbors >= 0).sum()) // 2
 
     def subgraph(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Edges among ``nodes`` (distinct database indices) as local ``(rows, cols, weights)``, both directions."""
-        pos = torch.full((self.n,), -1, dtype=torch.int64)
-        pos[nodes] = torch.arange(nodes.numel())
+        """Edges among ``nodes`` (distinct database indices) as local ``(rows, cols, weights)``.
+
+        Both directions of every edge, ordered by row, then by column (the order of a CSR matrix).
+        """
+        n = nodes.numel()
+        pos = torch.full((self.n,), n, dtype=torch.int64)  # n: not in the subgraph (sorts last)
+        pos[nodes] = torch.arange(n)
         nb = self.neighbors[nodes].to(torch.int64)
-        local = torch.where(nb >= 0, pos[nb.clamp_min(0)], -1)
-        keep = local >= 0
-        rows = torch.arange(nodes.numel()).unsqueeze(1).expand_as(keep)[keep]
-        return rows, local[keep], self.weights[nodes][keep].to(torch.float64)
+        local = torch.where(nb >= 0, pos[nb.clamp_min(0)], n)
+        cols, order = torch.sort(local, dim=1)
+        keep = cols < n
+        rows = torch.arange(n).unsqueeze(1).expand_as(keep)[keep]
+        return rows, cols[keep], self.weights[nodes].gather(1, order)[keep].to(torch.float64)
 
     def metadata(self) -> dict[str, Any]:
         """JSON-friendly description (format, size, parameters, how it was built)."""
@@ -127,18 +135,40 @@ def _neighbour_lists(
     return scores, indices
 
 
+def _approximate_lists(x: Any, k: int, ivf: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate k-NN lists from a faiss ``IVF<ivf>,Flat`` index searched with ``nprobe`` lists (-1: missing)."""
+    from dtop.retrieval.faiss_index import FaissIndex
+
+    n = int(x.shape[0])
+    index = FaissIndex(int(x.shape[1]), factory=f"IVF{ivf},Flat", search_params=f"nprobe={nprobe}")
+    index.train(x[:: max(1, n // (64 * ivf))])  # k-means needs ~40 points per list; a strided sample
+    index.add(x)
+    k = min(k, n)
+    scores = np.empty((n, k), dtype=np.float32)
+    indices = np.empty((n, k), dtype=np.int64)
+    for r0 in tqdm(range(0, n, _ROW_CHUNK), desc="k-NN graph", unit="block", disable=n < 100_000):
+        scores[r0 : r0 + _ROW_CHUNK], indices[r0 : r0 + _ROW_CHUNK] = index.search(x[r0 : r0 + _ROW_CHUNK], k)
+    return scores, indices
+
+
 def _reciprocal(scores: np.ndarray, indices: np.ndarray, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the edges ``i -> j`` with ``i`` among the neighbours of ``j`` (not ``i -> i``); weights symmetric."""
+    """Keep the edges ``i -> j`` with ``i`` among the neighbours of ``j`` (not ``i -> i``); weights symmetric.
+
+    ``indices`` may hold -1 (no neighbour: an approximate search found fewer than k).
+    """
     idx = torch.from_numpy(indices)
     n, k = idx.shape
     w = torch.from_numpy(scores).to(torch.float64).clamp_min(0).pow(gamma)
     neighbors = torch.full((n, k), -1, dtype=torch.int32)
     weights = torch.zeros((n, k), dtype=torch.float32)
-    for r0 in range(0, n, _ROW_CHUNK):
-        rows = torch.arange(r0, min(n, r0 + _ROW_CHUNK))
+    step = max(1, _PAIR_BUDGET // (k * k))
+    for r0 in range(0, n, step):
+        rows = torch.arange(r0, min(n, r0 + step))
         nb = idx[rows]  # (c, k)
+        present = nb >= 0
+        nb = nb.clamp_min(0)
         back = idx[nb] == rows.view(-1, 1, 1)  # (c, k, k): where row i appears in the list of j
-        mutual = back.any(dim=2) & (nb != rows.view(-1, 1))
+        mutual = back.any(dim=2) & (nb != rows.view(-1, 1)) & present
         w_back = w[nb, back.to(torch.int8).argmax(dim=2)]  # the weight of j -> i
         # (a + b) / 2 == (b + a) / 2 exactly: both directions of an edge get the same weight
         sym = torch.where(mutual, (w[rows] + w_back) / 2, 0.0)
@@ -155,21 +185,30 @@ def build_knn_graph(
     engine: GraphEngine = "auto",
     chunk_size: int | None = None,
     device: str | torch.device | None = None,
+    ivf: int | None = None,
+    nprobe: int = 32,
 ) -> KnnGraph:
     """The reciprocal k-NN graph of ``database`` (n, d): edge ``i - j`` iff each is among the other's k NN.
 
     ``k`` counts the vector itself (which gets no edge); the weight is ``max(s, 0)^gamma`` of the
     cosine similarity ``s``. The neighbour search is exact: faiss (``engine="faiss"``, or
-    ``"auto"`` when it is installed) or the chunked torch search (``chunk_size``, ``device``).
+    ``"auto"`` when it is installed) or the chunked torch search (``chunk_size``, ``device``);
+    with ``ivf`` lists it is approximate (faiss ``IVF<ivf>,Flat`` searching ``nprobe`` lists),
+    much faster on large databases.
     """
     check_param(k, "k", "k-NN graph", integer=True, low=2)
     check_param(gamma, "gamma", "k-NN graph", low=0, open_low=True)
     x = check_matrix(database, "database")
     if int(x.shape[0]) == 0:
         raise DataError("the database is empty: there is no graph to build")
-    used = _resolve_engine(engine)
+    used = _resolve_engine(engine) if ivf is None else f"faiss IVF{ivf},Flat nprobe={nprobe}"
     log.info("building the reciprocal %d-NN graph of %d descriptors (%s)", k, x.shape[0], used)
-    scores, indices = _neighbour_lists(x, k, used, chunk_size, device)
+    if ivf is None:
+        scores, indices = _neighbour_lists(x, k, used, chunk_size, device)
+    else:
+        check_param(ivf, "ivf", "k-NN graph", integer=True, low=1)
+        check_param(nprobe, "nprobe", "k-NN graph", integer=True, low=1)
+        scores, indices = _approximate_lists(x, k, ivf, nprobe)
     neighbors, weights = _reciprocal(scores, indices, float(gamma))
     info = {"dim": int(x.shape[1]), "digest": database_digest(x), "engine": used}
     return KnnGraph(neighbors, weights, k=int(k), gamma=float(gamma), info=info)
@@ -232,13 +271,15 @@ def knn_graph_for(
     """The graph of ``database``, read from the folder ``cache`` when it was built there before.
 
     Without it (or without ``cache``) the graph is built (:func:`build_knn_graph`, keyword options
-    ``build``) and, with ``cache``, written there as ``knn-<digest>-k<k>-gamma<gamma>.safetensors``
-    (the digest names the database, so one folder serves several).
+    ``build``) and, with ``cache``, written there as ``knn-<digest>-k<k>-gamma<gamma>[-ivf<n>-nprobe<p>]
+    .safetensors`` (the digest names the database, so one folder serves several).
     """
     if cache is None:
         return build_knn_graph(database, k=k, gamma=gamma, **build)
     digest = database_digest(database)
-    path = Path(cache) / f"knn-{digest}-k{k}-gamma{float(gamma):g}.safetensors"
+    ivf = build.get("ivf")
+    approx = f"-ivf{ivf}-nprobe{build.get('nprobe', 32)}" if ivf else ""
+    path = Path(cache) / f"knn-{digest}-k{k}-gamma{float(gamma):g}{approx}.safetensors"
     if path.is_file():
         graph = load_knn_graph(path)
         if (graph.n, graph.k, graph.gamma, graph.info.get("digest")) == (int(database.shape[0]), k, gamma, digest):
@@ -282,25 +323,32 @@ def conjugate_gradient(
     return x
 
 
+def transition_matrix(graph: KnnGraph, nodes: torch.Tensor) -> torch.Tensor:
+    """``S = D^-1/2 W D^-1/2`` of the subgraph induced by ``nodes``: a float64 CSR matrix.
+
+    ``D`` holds the degrees within the subgraph; an isolated node gets an empty row.
+    """
+    rows, cols, w = graph.subgraph(nodes)  # in CSR order
+    n = nodes.numel()
+    degree = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, w)
+    d = torch.where(degree > 0, degree.clamp_min(1e-300).rsqrt(), 0.0)
+    crow = torch.zeros(n + 1, dtype=torch.int64)
+    crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta state": the matrix-vector product is not
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, d[rows] * w * d[cols], (n, n))
+
+
 def diffuse(
     graph: KnnGraph, nodes: torch.Tensor, y: torch.Tensor, alpha: float = 0.99, tol: float = 1e-6,
     iterations: int = 20,
 ) -> torch.Tensor:
     """Diffusion scores ``f`` (float64) of ``nodes`` from ``y``: ``(I - alpha S) f = y`` on the induced subgraph.
 
-    ``S = D^-1/2 W D^-1/2`` with the degrees ``D`` of the subgraph (an isolated node has no
-    edges and keeps ``f = y``).
+    ``S``: :func:`transition_matrix` (an isolated node keeps ``f = y``).
     """
-    rows, cols, w = graph.subgraph(nodes)
-    n = nodes.numel()
-    degree = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, w)
-    d = torch.where(degree > 0, degree.clamp_min(1e-300).rsqrt(), 0.0)
-    s = d[rows] * w * d[cols]
-
-    def matvec(p: torch.Tensor) -> torch.Tensor:
-        return p - alpha * torch.zeros(n, dtype=torch.float64).index_add_(0, rows, s * p[cols])
-
-    return conjugate_gradient(matvec, y.to(torch.float64), tol=tol, iterations=iterations)
+    s = transition_matrix(graph, nodes)
+    return conjugate_gradient(lambda p: p - alpha * (s @ p), y.to(torch.float64), tol=tol, iterations=iterations)
 
 
 def check_diffusion_params(
@@ -345,14 +393,27 @@ def diffusion_rerank(
         raise DataError("a result list names one database image twice; re-rank the lists of an exact search")
     m = min(kq, n)
     y0 = torch.from_numpy(np.ascontiguousarray(s[:, :m], dtype=np.float64)).clamp_min(0).pow(gamma)
-    for q in tqdm(range(s.shape[0]), desc="diffusion", unit="query", disable=s.shape[0] < _PROGRESS_MIN_QUERIES):
-        y = torch.zeros(n, dtype=torch.float64)
-        y[:m] = y0[q]
-        f[q] = diffuse(graph, ids[q], y, alpha=alpha, tol=tol, iterations=iterations)
+    with _one_thread():
+        for q in tqdm(range(s.shape[0]), desc="diffusion", unit="query", disable=s.shape[0] < _PROGRESS_MIN_QUERIES):
+            y = torch.zeros(n, dtype=torch.float64)
+            y[:m] = y0[q]
+            f[q] = diffuse(graph, ids[q], y, alpha=alpha, tol=tol, iterations=iterations)
     return reorder_top(s, idx, f, n)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch on one thread: the per-query systems are small, and intra-op threads cost more than
+    they give there (ten times more on a loaded two-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 __all__ = [
     "KnnGraph", "build_knn_graph", "knn_graph_for", "save_knn_graph", "load_knn_graph", "database_digest",
-    "conjugate_gradient", "diffuse", "diffusion_rerank", "check_diffusion_params",
+    "conjugate_gradient", "transition_matrix", "diffuse", "diffusion_rerank", "check_diffusion_params",
 ]

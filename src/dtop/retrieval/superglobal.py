@@ -17,7 +17,7 @@ from dtop.errors import DataError
 from dtop.retrieval.rerank import check_lists, check_param, order_by_score, reorder_top
 from dtop.retrieval.search import check_matrix
 
-QUERY_BLOCK = 16  # queries re-ranked at once: a (16, m, m) Gram block and (16, m, d) descriptors
+QUERY_BLOCK = 8  # queries re-ranked at once: (8, m, m) Gram blocks and (8, m, d) descriptors
 
 
 def refine_candidates(x: torch.Tensor, ids: torch.Tensor, k: int, beta: float) -> torch.Tensor:
