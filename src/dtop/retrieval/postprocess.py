@@ -277,16 +277,16 @@ class Diffusion(RerankStep):
     """Diffusion on the reciprocal k-NN graph of the database; see :mod:`dtop.retrieval.diffusion`."""
 
     name = "diffusion"
-    params = ("k", "kq", "gamma", "alpha", "trunc", "iterations", "tol", "cache")
+    params = ("k", "kq", "gamma", "alpha", "trunc", "iterations", "tol", "cache", "ivf", "nprobe")
 
     def __init__(
         self, k: int = 50, kq: int = 10, gamma: float = 3.0, alpha: float = 0.99, trunc: int = 10000,
-        iterations: int = 20, tol: float = 1e-6, cache: str | None = None, chunk_size: int | None = None,
-        device: str | torch.device | None = None,
+        iterations: int = 20, tol: float = 1e-6, cache: str | None = None, ivf: int | None = None,
+        nprobe: int = 32, chunk_size: int | None = None, device: str | torch.device | None = None,
     ) -> None:
         check_diffusion_params(k, trunc, kq, gamma, alpha, tol, iterations)
         self.k, self.kq, self.gamma, self.alpha, self.trunc = k, kq, float(gamma), float(alpha), trunc
-        self.iterations, self.tol, self.cache = iterations, float(tol), cache
+        self.iterations, self.tol, self.cache, self.ivf, self.nprobe = iterations, float(tol), cache, ivf, nprobe
         self.chunk_size, self.device = chunk_size, device
         self._graph: tuple[Any, KnnGraph] | None = None  # (database, its graph)
 
@@ -299,7 +299,7 @@ class Diffusion(RerankStep):
         """The k-NN graph of ``database`` (built once per database object, or read from ``cache``)."""
         if self._graph is None or self._graph[0] is not database:
             graph = knn_graph_for(database, self.k, self.gamma, cache=self.cache, chunk_size=self.chunk_size,
-                                  device=self.device)
+                                  device=self.device, ivf=self.ivf, nprobe=self.nprobe)
             self._graph = (database, graph)
         return self._graph[1]
 
