@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -434,3 +435,45 @@ def test_pipeline_rejects_bad_rerank_configs() -> None:
 def test_knn_graph_repr_and_shape_check() -> None:
     with pytest.raises(CheckpointError, match="inconsistent"):
         KnnGraph(torch.zeros(3, 2, dtype=torch.int32), torch.zeros(3, 3), k=3, gamma=3.0)
+
+
+# ------------------------------------------------------------------------------- dtop evaluate
+
+
+@pytest.mark.slow
+def test_evaluate_with_reranking_end_to_end(tmp_path, capsys) -> None:
+    from dtop.apps.synthetic import generate_benchmark
+    from dtop.cli.main import main
+    from dtop.data.revisited import RevisitedDataset
+    from dtop.engine.extract import extract
+    from dtop.engine.settings import ExtractSettings
+    from dtop.models import build_model, save_checkpoint
+
+    bench = generate_benchmark(tmp_path / "data", n_train_instances=1, n_test_instances=4, train_views=1,
+                               n_distractors=6, image_size=64)
+    torch.manual_seed(0)
+    model = build_model("dtop_tiny")
+    ckpt = save_checkpoint(model, tmp_path / "tiny.safetensors")
+    common = ["evaluate", "--model", str(ckpt), "--dataset", bench["name"], "--data-root", bench["root"],
+              "--image-size", "64", "--scales", "1.0", "--workers", "0", "--no-progress", "--topk", "5"]
+    ds = RevisitedDataset(bench["root"], bench["name"])
+    settings = ExtractSettings(image_size=64, scales=[1.0])
+    q = extract(model, ds.query_paths, bbxs=ds.query_bbxs, settings=settings)
+    x = extract(model, ds.database_paths, settings=settings)
+    scores, indices = search(q, x, x.shape[0])
+    for post, step in [("superglobal:m=12,k=2,kq=2", SuperGlobal(m=12, k=2, kq=2)),
+                       ("diffusion:k=4,kq=2,trunc=15", Diffusion(k=4, kq=2, trunc=15))]:
+        out = tmp_path / post.split(":")[0]
+        assert main([*common, "--out", str(out), "--post", post]) == 0
+        payload = json.loads((out / "results.json").read_text())
+        entry = payload["models"][0]
+        assert entry["post"][0]["name"] == post.split(":")[0]
+        # independent path: in-memory descriptors, the step on the full lists, evaluate(ranks)
+        _, reranked = step.rerank(q, x, scores, indices)
+        expected = evaluate(reranked.T, ds.gnd)
+        for protocol in ("easy", "medium", "hard"):
+            assert entry["results"][bench["name"]][protocol]["map"] == pytest.approx(expected[protocol]["map"],
+                                                                                     abs=1e-6)
+        np.testing.assert_array_equal(np.load(out / entry["ranks"][bench["name"]]), reranked[:, :5].T)
+    graphs = list((tmp_path / "diffusion" / "descriptors").rglob("knn-*.safetensors"))
+    assert len(graphs) == 1  # the graph is kept with the descriptors

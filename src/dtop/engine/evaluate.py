@@ -24,7 +24,8 @@ from dtop.engine.settings import ExtractSettings
 from dtop.models.base import WHITENING_EXTRA, RetrievalModel
 from dtop.models.identity import model_fingerprint
 from dtop.retrieval.metrics import PROTOCOLS, evaluate_scores
-from dtop.retrieval.postprocess import PostProcessing, Whiten, Whitening
+from dtop.retrieval.postprocess import Diffusion, PostProcessing, Whiten, Whitening
+from dtop.retrieval.rerank import evaluate_reranked
 from dtop.retrieval.search import iter_scores, search, to_ranks
 from dtop.utils.io import atomic_path, write_json, write_text
 
@@ -82,12 +83,17 @@ def evaluate_model(
         q, db = queries, parts
         pp = _post_processing(post, model)
         if pp is not None:
+            if isinstance(pp.reranker, Diffusion) and pp.reranker.cache is None:
+                pp.reranker.cache = str(base / "knn-graphs")  # its k-NN graph is kept like the descriptors
             full = torch.cat([torch.as_tensor(np.asarray(p)) for p in parts]) if len(parts) > 1 else parts[0]
             q, full = pp.process(torch.as_tensor(queries), torch.as_tensor(full))
             db = [full]
             described = pp.describe()
-        results[variant] = evaluate_scores(iter_scores(q, db), dataset.gnd)
-        _, indices = search(q, db, topk=topk)
+        if pp is None or pp.reranker is None:
+            results[variant] = evaluate_scores(iter_scores(q, db), dataset.gnd)
+            _, indices = search(q, db, topk=topk)
+        else:  # each list: its re-ranked top, then the rest in plain order
+            results[variant], indices = evaluate_reranked(q, db[0], dataset.gnd, pp.reranker, topk)
         ranks[variant] = to_ranks(indices)
     return {
         "fingerprint": fingerprint,
