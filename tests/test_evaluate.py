@@ -11,6 +11,7 @@ from PIL import Image, ImageEnhance
 from dtop.cli.main import main
 from dtop.engine.extract import extract
 from dtop.engine.settings import ExtractSettings
+from dtop.errors import ConfigError
 from dtop.models import build_model, save_checkpoint
 from dtop.retrieval.metrics import evaluate
 
@@ -109,9 +110,25 @@ def test_second_evaluation_reuses_the_stores(bench, tmp_path):
 def test_post_processing_and_bad_dataset(bench, tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", "dtop_tiny", "--dataset", "mini", "--data-root", str(bench), "--out",
-                 str(out), "--post", "whiten", "qe:k=2", *ARGS]) == 0
+                 str(out), "--post", "whiten:fit=database", "qe:k=2", *ARGS]) == 0
     payload = json.loads((out / "results.json").read_text())
     assert [s["name"] for s in payload["models"][0]["post"]] == ["whiten", "qe"]
+    # fitted on the evaluated database: marked in results.json and in the printed table
+    assert payload["transductive"] is True and payload["models"][0]["transductive"] is True
+    assert payload["models"][0]["post"][0]["transductive"] is True
+    printed = capsys.readouterr().out
+    assert "mini*" in printed and "transductive" in printed
+    assert "transductive" in (out / "results.txt").read_text()
+    # a bare whiten with no whitening anywhere: an error with a hint, before anything is extracted
+    assert main(["evaluate", "--model", "dtop_tiny", "--dataset", "mini", "--data-root", str(bench), "--out",
+                 str(tmp_path / "bare"), "--post", "whiten", *ARGS]) == 2
+    assert "whiten:fit=database" in capsys.readouterr().err
+    assert not (tmp_path / "bare" / "descriptors").exists()
+    # without post-processing: not transductive, no mark
+    assert main(["evaluate", "--model", "dtop_tiny", "--dataset", "mini", "--data-root", str(bench), "--out",
+                 str(out), *ARGS]) == 0
+    assert "mini*" not in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["transductive"] is False
     assert main(["evaluate", "--model", "dtop_tiny", "--dataset", "nowhere", "--data-root", str(bench), *ARGS]) == 2
     assert "nowhere" in capsys.readouterr().err
 
@@ -151,4 +168,9 @@ def test_a_whitening_saved_in_the_checkpoint_is_used(tmp_path):
     step = next(iter(pp))
     assert isinstance(step, Whiten) and step.fitted and step.whitening.output_dim == 16
     assert torch.equal(step.whitening.mean, whitening.mean)
-    assert not next(iter(_post_processing(["whiten"], build_model("dtop_tiny")))).fitted  # none saved: fit later
+    with pytest.raises(ConfigError, match="no whitening"):  # none saved: an error, not a fit on the database
+        _post_processing(["whiten"], build_model("dtop_tiny"))
+    step = next(iter(_post_processing(["whiten:fit=database"], loaded)))  # explicit: the checkpoint's is not used
+    assert isinstance(step, Whiten) and not step.fitted
+    step = next(iter(_post_processing(["whiten:dim=8"], loaded)))  # the checkpoint's, truncated
+    assert step.whitening.output_dim == 8

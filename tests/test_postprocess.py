@@ -234,10 +234,12 @@ def test_whitening_load_errors(tmp_path) -> None:
 
 def test_pipeline_runs_in_fixed_order_and_matches_functions() -> None:
     db, q = clustered(250, 20, seed=14), clustered(7, 20, seed=15)
-    pp = PostProcessing.from_config(["qe:k=4,alpha=2", {"name": "dba", "k": 3}, "whiten"], chunk_size=31)
+    pp = PostProcessing.from_config(["qe:k=4,alpha=2", {"name": "dba", "k": 3}, "whiten:fit=database"],
+                                    chunk_size=31)
     assert [s.name for s in pp] == ["whiten", "dba", "qe"]
-    assert "not fitted" in repr(pp)
+    assert "not fitted" in repr(pp) and not pp.transductive
     q2, db2 = pp.process(q, db)
+    assert pp.transductive
 
     w = fit_pca_whitening(db)
     db_ref = alpha_database_augmentation(w.apply(db), k=3, alpha=3.0)
@@ -247,6 +249,7 @@ def test_pipeline_runs_in_fixed_order_and_matches_functions() -> None:
     described = pp.describe()
     assert [d["name"] for d in described] == ["whiten", "dba", "qe"]
     assert described[0]["whitening"]["fitted_on"] == "database"
+    assert described[0]["fit"] == "database" and described[0]["transductive"] is True
     assert described[2] == {"name": "qe", "k": 4, "alpha": 2.0}
     assert "QueryExpansion(k=4, alpha=2.0)" in repr(pp)
 
@@ -281,6 +284,64 @@ def test_pipeline_empty_and_config_errors() -> None:
         PostProcessing.from_config(["qe:k"])
     with pytest.raises(ConfigError, match="needs a 'name'"):
         PostProcessing.from_config([{"k": 3}])
-    with pytest.raises(ConfigError, match="not fitted"):
+    with pytest.raises(ConfigError, match="no whitening"):
         Whiten().apply_queries(q, db)
     assert repr(DatabaseAugmentation(k=5, alpha=1)) == "DatabaseAugmentation(k=5, alpha=1.0)"
+
+
+# ------------------------------------------------------------------- no silent transductive whitening
+
+
+def test_bare_whiten_without_a_whitening_is_an_error_with_a_hint() -> None:
+    db, q = correlated(100, 8, seed=20), correlated(4, 8, seed=21)
+    pp = PostProcessing.from_config(["whiten", "qe"])
+    for run in (pp.check, lambda: pp.process(q, db)):
+        with pytest.raises(ConfigError) as err:
+            run()
+        message = str(err.value)
+        assert "whiten:path=FILE" in message and "dtop whiten" in message and "whiten:fit=database" in message
+        assert "transductive" in message
+    assert not pp["whiten"].fitted  # nothing was fitted on the database
+
+
+def test_fit_database_is_explicit_and_marked() -> None:
+    db, q = correlated(100, 8, seed=22), correlated(4, 8, seed=23)
+    pp = PostProcessing.from_config(["whiten:fit=database"]).check()  # allowed: it says so
+    q2, db2 = pp.process(q, db)
+    ref = fit_pca_whitening(db)
+    torch.testing.assert_close(db2, ref.apply(db))
+    torch.testing.assert_close(q2, ref.apply(q))
+    assert pp.transductive and pp.describe()[0]["transductive"] is True
+    # fitted on other descriptors beforehand: the database is not used, nothing is transductive
+    train = correlated(300, 8, seed=24)
+    pp = PostProcessing.from_config(["whiten:fit=database"]).fit(train, fitted_on="train")
+    pp.process(q, db)
+    assert not pp.transductive and "transductive" not in pp.describe()[0]
+    torch.testing.assert_close(pp["whiten"].whitening.mean, fit_pca_whitening(train).mean)
+    # a loaded or given whitening is never transductive
+    assert not PostProcessing([Whiten(whitening=ref)]).transductive
+
+
+def test_whiten_fit_choices_and_conflicts(tmp_path) -> None:
+    w = fit_pca_whitening(correlated(100, 8, seed=25))
+    path = save_whitening(w, tmp_path / "w.safetensors")
+    with pytest.raises(ConfigError, match="not a choice"):
+        PostProcessing.from_config(["whiten:fit=queries"])
+    with pytest.raises(ConfigError, match="not both"):
+        PostProcessing.from_config([f"whiten:path={path},fit=database"])
+    with pytest.raises(ConfigError, match="not both"):
+        Whiten(fit="database", whitening=w)
+
+
+def test_loaded_whitening_truncated_to_dim(tmp_path) -> None:
+    train, x = correlated(400, 12, seed=26), correlated(9, 12, seed=27)
+    w = fit_learned_whitening(train, torch.arange(0, 398, 2), torch.arange(1, 399, 2), fitted_on="train")
+    path = save_whitening(w, tmp_path / "lw.safetensors")
+    step = PostProcessing.from_config([f"whiten:path={path},dim=5"])["whiten"]
+    assert step.whitening.output_dim == 5 and step.whitening.kind == "lw"
+    # the first 5 axes of the full projection, then normalised
+    full = (x - w.mean) @ w.projection.T
+    torch.testing.assert_close(step.apply_queries(x, x), F.normalize(full[:, :5], dim=1))
+    assert w.truncated(12) is w
+    with pytest.raises(ConfigError, match="1..12"):
+        w.truncated(13)

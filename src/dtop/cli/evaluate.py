@@ -51,7 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="output folder (default runs/evaluate/<dataset>)")
     p.add_argument("--cache", help="descriptor cache folder (default <out>/descriptors)")
     p.add_argument("--post", nargs="*", default=[],
-                   help="post-processing steps, applied in the order whiten → dba → qe, e.g. whiten qe:k=5,alpha=3")
+                   help="post-processing steps, applied in the order whiten → dba → qe, e.g. whiten qe:k=5,alpha=3. "
+                   "whiten: the checkpoint's whitening; whiten:path=FILE: a whitening file (both from `dtop "
+                   "whiten`); whiten:fit=database: PCA fitted on the evaluated database (transductive, marked *)")
     p.add_argument("--topk", type=int, default=100, help="ranks kept for the report (default 100)")
     add_extraction_args(p)
     p.set_defaults(func=run)

@@ -44,15 +44,19 @@ def dataset_tag(dataset: RevisitedDataset) -> str:
 
 
 def _post_processing(post: list[str] | None, model: RetrievalModel) -> PostProcessing | None:
-    """The post-processing steps of ``post``; an unfitted whitening takes the checkpoint's one."""
+    """The post-processing steps of ``post``, checked; a bare ``whiten`` takes the checkpoint's whitening.
+
+    A ``whiten`` step with neither a file, the checkpoint's whitening nor ``fit=database`` is a
+    :class:`~dtop.errors.ConfigError` (raised here, before anything is extracted).
+    """
     if not post:
         return None
     pp = PostProcessing.from_config(post)
     saved = model.checkpoint_extras.get(WHITENING_EXTRA)
     for step in pp:
-        if isinstance(step, Whiten) and saved is not None and not step.fitted:
-            step.whitening = Whitening.from_state(saved.tensors, saved.metadata)
-    return pp
+        if isinstance(step, Whiten) and saved is not None and not step.fitted and step.fit_on is None:
+            step.set_whitening(Whitening.from_state(saved.tensors, saved.metadata))
+    return pp.check()
 
 
 def evaluate_model(
@@ -68,17 +72,19 @@ def evaluate_model(
     """Results of one model on one benchmark (and +1M when ``r1m_paths`` are given).
 
     Returns ``{"fingerprint", "results": {tag: protocols}, "ranks_arrays": {tag: (topk, nq)},
-    "stores": {...}, "post": [...], "timing": {...}}``. ``runtime`` goes to
+    "stores": {...}, "post": [...], "transductive": bool, "timing": {...}}``; ``transductive`` is
+    true when a step learned from the evaluated database (``whiten:fit=database``). ``runtime`` goes to
     :func:`~dtop.engine.extract.extract_to_store` (batch_size, num_workers, device, amp, ...).
     """
     settings = settings or ExtractSettings()
     fingerprint = model_fingerprint(model)
     base = Path(cache_dir) / fingerprint / settings_digest(settings)
+    _post_processing(post, model)  # a step that cannot run fails now, not after the extraction
     start = time.perf_counter()
     queries, variants, stores = _extract_benchmark(model, dataset, base, settings, r1m_paths, runtime)
     extract_s = time.perf_counter() - start
     start = time.perf_counter()
-    results, ranks, described = {}, {}, []
+    results, ranks, described, transductive = {}, {}, [], False
     for variant, parts in variants.items():
         q, db = queries, parts
         pp = _post_processing(post, model)
@@ -88,7 +94,7 @@ def evaluate_model(
             full = torch.cat([torch.as_tensor(np.asarray(p)) for p in parts]) if len(parts) > 1 else parts[0]
             q, full = pp.process(torch.as_tensor(queries), torch.as_tensor(full))
             db = [full]
-            described = pp.describe()
+            described, transductive = pp.describe(), pp.transductive
         if pp is None or pp.reranker is None:
             results[variant] = evaluate_scores(iter_scores(q, db), dataset.gnd)
             _, indices = search(q, db, topk=topk)
@@ -101,6 +107,7 @@ def evaluate_model(
         "ranks_arrays": ranks,
         "stores": {k: str(v) for k, v in stores.items()},
         "post": described,
+        "transductive": transductive,
         "timing": {"extract_s": extract_s, "search_score_s": time.perf_counter() - start},
     }
 
@@ -132,12 +139,25 @@ def _extract_benchmark(
     return queries, variants, stores
 
 
+#: Marks a dataset cell of the table whose results used the test images to fit post-processing.
+TRANSDUCTIVE_MARK = "*"
+TRANSDUCTIVE_NOTE = (f"{TRANSDUCTIVE_MARK} transductive: the whitening was fitted on the evaluated database "
+                     "(whiten:fit=database); not comparable with published results")
+
+
 def format_table(models: list[dict[str, Any]]) -> str:
-    """The standard table: mAP (%) E/M/H per dataset variant, one row per model and variant."""
+    """The standard table: mAP (%) E/M/H per dataset variant, one row per model and variant.
+
+    Rows of a transductive evaluation carry :data:`TRANSDUCTIVE_MARK` after the dataset and a
+    footnote says why.
+    """
+    def variant_cell(entry: dict[str, Any], variant: str) -> str:
+        return variant + TRANSDUCTIVE_MARK if entry.get("transductive") else variant
+
     # Name columns widen to the longest entry (plus a gap), so long model names never run into
     # the dataset column.
     name_w = max([len("model"), *(len(e["name"]) for e in models)]) + 2
-    variant_w = max([len("dataset"), *(len(v) for e in models for v in e["results"])]) + 2
+    variant_w = max([len("dataset"), *(len(variant_cell(e, v)) for e in models for v in e["results"])]) + 2
     header = f"{'model':<{name_w}}{'dataset':<{variant_w}}{'E':>8}{'M':>8}{'H':>8}{'mP@10 M':>10}{'mP@10 H':>10}"
     lines = [header, "-" * len(header)]
     for entry in models:
@@ -145,7 +165,9 @@ def format_table(models: list[dict[str, Any]]) -> str:
             cells = "".join(f"{100 * res[p]['map']:>8.2f}" for p in PROTOCOLS)
             mp = [res[p]["mp"].get("10") for p in ("medium", "hard")]
             mps = "".join(f"{100 * v:>10.2f}" if v is not None else f"{'-':>10}" for v in mp)
-            lines.append(f"{entry['name']:<{name_w}}{variant:<{variant_w}}{cells}{mps}")
+            lines.append(f"{entry['name']:<{name_w}}{variant_cell(entry, variant):<{variant_w}}{cells}{mps}")
+    if any(e.get("transductive") for e in models):
+        lines += ["", TRANSDUCTIVE_NOTE]
     return "\n".join(lines)
 
 
@@ -201,6 +223,8 @@ def run_evaluation(
         "settings": {**asdict(settings), "post": post or [], "topk": topk,
                      **{k: v for k, v in runtime.items() if k in ("batch_size", "amp", "device")}},
         "models": entries,
+        # any model's post-processing learned from the evaluated database (per model: its "transductive")
+        "transductive": any(e["transductive"] for e in entries),
     }
     write_evaluation(out_dir, payload, ranks)
     return payload

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from dtop.errors import ConfigError
 from dtop.retrieval.diffusion import KnnGraph, check_diffusion_params, diffusion_rerank, knn_graph_for
+from dtop.retrieval.rerank import reranked_search
 from dtop.retrieval.search import search
 from dtop.retrieval.superglobal import check_superglobal_params, superglobal_rerank
 from dtop.retrieval.whitening import (
@@ -140,9 +141,21 @@ class PostStep:
         """Whether the step has what it needs to be applied (only whitening learns anything)."""
         return True
 
+    @property
+    def transductive(self) -> bool:
+        """Whether the step learned from the processed database itself (the test images)."""
+        return False
+
     def fit(self, database: torch.Tensor) -> Self:
         """Learn the step's state from ``database`` descriptors (no-op for stateless steps)."""
         return self
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` if the step cannot run as configured (before any work)."""
+
+    def fit_database(self, database: torch.Tensor) -> Self:
+        """Learn an unfitted step's state from the processed database (what :class:`PostProcessing` does)."""
+        return self.fit(database)
 
     def apply_database(self, database: torch.Tensor) -> torch.Tensor:
         """Transform database descriptors (identity by default)."""
@@ -158,10 +171,18 @@ class PostStep:
 
 
 class Whiten(PostStep):
-    """Whitening step: PCA-whitening fitted by :meth:`fit`, or a given/saved :class:`Whitening`."""
+    """Whitening step: a saved/given :class:`Whitening`, or PCA fitted by :meth:`fit`.
+
+    ``path``: a whitening file (``dtop whiten``). ``fit="database"``: PCA-whitening fitted on the
+    database being processed, which is transductive (it uses the test images) and recorded as such.
+    Without either, the whitening must come from :meth:`fit` or the caller (e.g. the checkpoint's
+    extra); :meth:`check` says so. ``dim`` keeps the first ``dim`` output axes (PCA fit, or a
+    loaded whitening truncated).
+    """
 
     name = "whiten"
-    params = ("dim", "shrinkage", "eps", "path")
+    params = ("dim", "shrinkage", "eps", "path", "fit")
+    FIT_CHOICES: ClassVar[tuple[str, ...]] = ("database",)
 
     def __init__(
         self,
@@ -169,26 +190,64 @@ class Whiten(PostStep):
         shrinkage: float = 0.0,
         eps: float = 1e-6,
         path: str | None = None,
+        fit: str | None = None,
         whitening: Whitening | None = None,
     ) -> None:
-        self.dim, self.shrinkage, self.eps, self.path = dim, shrinkage, eps, path
-        self.whitening = whitening if whitening is not None else (load_whitening(path) if path else None)
+        if fit is not None and fit not in self.FIT_CHOICES:
+            raise ConfigError(f"whiten: fit={fit!r} is not a choice; fit=database fits PCA on the evaluated "
+                              "database (transductive), or leave fit out and give path=FILE")
+        if fit is not None and (path or whitening is not None):
+            raise ConfigError("whiten: give either path=FILE (a learned whitening) or fit=database, not both")
+        self.dim, self.shrinkage, self.eps, self.path, self.fit_on = dim, shrinkage, eps, path, fit
+        self._transductive = False
+        self.whitening: Whitening | None = None
+        self.set_whitening(whitening if whitening is not None else (load_whitening(path) if path else None))
+
+    def set_whitening(self, whitening: Whitening | None) -> None:
+        """Use ``whitening`` (truncated to ``dim`` output axes when ``dim`` is set)."""
+        if whitening is not None and self.dim is not None:
+            whitening = whitening.truncated(self.dim)
+        self.whitening, self._transductive = whitening, False
 
     @property
     def fitted(self) -> bool:
         """Whether a whitening is present (fitted, given or loaded)."""
         return self.whitening is not None
 
-    def fit(self, database: torch.Tensor, fitted_on: str = "database") -> Self:
-        """Fit PCA-whitening on ``database`` (replacing any previous one)."""
+    @property
+    def transductive(self) -> bool:
+        """Whether the whitening was fitted on the processed database (``fit=database``)."""
+        return self._transductive
+
+    def fit(self, database: torch.Tensor, fitted_on: str = "") -> Self:
+        """Fit PCA-whitening on ``database`` descriptors, e.g. of a training set (replacing any previous one)."""
         self.whitening = fit_pca_whitening(
             database, dim=self.dim, shrinkage=self.shrinkage, eps=self.eps, fitted_on=fitted_on
         )
+        self._transductive = False
+        return self
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` when there is no whitening and no leave to fit one on the database."""
+        if self.whitening is None and self.fit_on != "database":
+            raise ConfigError(
+                "the whiten step has no whitening: give whiten:path=FILE (learn one with `dtop whiten`), "
+                "use a checkpoint that carries one (`dtop whiten --into-checkpoint`), or write "
+                "whiten:fit=database to fit PCA on the evaluated database (transductive: it uses the test "
+                "images, so results are not comparable with published ones)"
+            )
+
+    def fit_database(self, database: torch.Tensor) -> Self:
+        """Fit PCA on the processed database itself (only with ``fit=database``; marked transductive)."""
+        self.check()
+        self.fit(database, fitted_on="database")
+        self._transductive = True
         return self
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         if self.whitening is None:
-            raise ConfigError("the whiten step is not fitted: call fit(descriptors) or give path=<whitening file>")
+            self.check()
+            raise ConfigError("the whiten step is not fitted: call fit(descriptors) or fit_database(database)")
         return self.whitening.apply(x)
 
     def apply_database(self, database: torch.Tensor) -> torch.Tensor:
@@ -200,8 +259,11 @@ class Whiten(PostStep):
         return self._apply(queries)
 
     def describe(self) -> dict[str, Any]:
-        """Parameters plus the fitted whitening's metadata."""
-        out = super().describe()
+        """Parameters, whether it is transductive, and the whitening's metadata."""
+        out: dict[str, Any] = {"name": self.name, "dim": self.dim, "shrinkage": self.shrinkage, "eps": self.eps,
+                               "path": self.path, "fit": self.fit_on}
+        if self._transductive:
+            out["transductive"] = True
         if self.whitening is not None:
             out["whitening"] = self.whitening.metadata()
         return out
@@ -212,6 +274,8 @@ class Whiten(PostStep):
             args.append(f"shrinkage={self.shrinkage}")
         if self.path:
             args.append(f"path={self.path!r}")
+        if self.fit_on:
+            args.append(f"fit={self.fit_on!r}")
         args.append(repr(self.whitening) if self.whitening is not None else "not fitted")
         return f"Whiten({', '.join(args)})"
 
@@ -396,8 +460,9 @@ class PostProcessing:
         pp.fit(train_descriptors)            # optional: whitening learned elsewhere
         queries, database = pp.process(queries, database)
 
-    Steps not fitted when :meth:`process`/:meth:`apply_database` runs are fitted on the database
-    being processed (transductive; recorded in :meth:`describe` as ``fitted_on: "database"``).
+    A whitening not fitted when :meth:`process`/:meth:`apply_database` runs is an error unless
+    its step says ``fit=database``: then PCA is fitted on the database being processed, which is
+    transductive (:attr:`transductive`, and ``transductive: true`` in :meth:`describe`).
     """
 
     def __init__(self, steps: Sequence[PostStep] = ()) -> None:
@@ -450,6 +515,17 @@ class PostProcessing:
         """Whether every step can be applied without fitting."""
         return all(s.fitted for s in self.steps)
 
+    @property
+    def transductive(self) -> bool:
+        """Whether a step learned from the processed database (e.g. ``whiten:fit=database``)."""
+        return any(s.transductive for s in self.steps)
+
+    def check(self) -> Self:
+        """Raise :class:`ConfigError` if a step cannot run as configured (call it before extracting)."""
+        for step in self.steps:
+            step.check()
+        return self
+
     def fit(self, descriptors: torch.Tensor, fitted_on: str = "") -> Self:
         """Fit the learnable steps (whitening) on ``descriptors``, e.g. those of a training set.
 
@@ -466,11 +542,11 @@ class PostProcessing:
         return self
 
     def apply_database(self, database: torch.Tensor) -> torch.Tensor:
-        """Run the database side of every step (fitting unfitted steps on the database)."""
+        """Run the database side of every step (unfitted steps: :meth:`PostStep.fit_database`)."""
         x = database
         for step in self.steps:
             if not step.fitted:
-                step.fit(x)
+                step.fit_database(x)
             x = step.apply_database(x)
         return x
 
@@ -500,6 +576,17 @@ class PostProcessing:
         """
         step = self.reranker
         return (scores, indices) if step is None else step.rerank(queries, database, scores, indices)
+
+    def search(
+        self, queries: torch.Tensor, database: torch.Tensor, topk: int, **search_options: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Process both sides, search exactly (as deep as the re-ranking needs), re-rank: the top ``topk``.
+
+        ``search_options`` go to :func:`dtop.retrieval.search.search` (chunk_size, device, progress).
+        """
+        queries, database = self.process(queries, database)
+        scores, indices, _ = reranked_search(queries, database, topk, self.reranker, **search_options)
+        return scores[:, :topk], indices[:, :topk]
 
     def describe(self) -> list[dict[str, Any]]:
         """The steps in the order they run, with parameters (for result files)."""

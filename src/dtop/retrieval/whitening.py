@@ -89,6 +89,15 @@ class Whitening:
             out[r0:r0 + y.shape[0]] = F.normalize(y, dim=1) if normalize else y
         return out
 
+    def truncated(self, dim: int) -> Whitening:
+        """The whitening onto its first ``dim`` output axes (both kinds order them by decreasing variance)."""
+        if not isinstance(dim, int) or isinstance(dim, bool) or not 1 <= dim <= self.output_dim:
+            raise ConfigError(f"whitening dim must be an integer in 1..{self.output_dim} (the axes of this "
+                              f"{self.kind} whitening), got {dim!r}")
+        if dim == self.output_dim:
+            return self
+        return Whitening(self.mean, self.projection[:dim], self.kind, dict(self.info))
+
     def metadata(self) -> dict[str, Any]:
         """JSON-friendly description: format, type, dims and how it was fitted."""
         return {
