@@ -168,3 +168,42 @@ def test_extraction_settings_from_yaml_and_overrides(tmp_path):
 
 def _train_configs():
     return _configs().parent / "train"
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    from dtop.config import parse_yaml
+
+    assert parse_yaml("1e-4") == 1e-4 and parse_yaml("-2E3") == -2000.0 and parse_yaml("+5e0") == 5.0
+    assert parse_yaml("1e") == "1e" and parse_yaml("1.2.3") == "1.2.3" and parse_yaml("0x10") == 16
+    (tmp_path / "t.yaml").write_text("optim:\n  lr: 1e-4\n")
+    assert load_train_config(tmp_path / "t.yaml", ["optim.weight_decay=5e-2"]).optim.lr == 1e-4
+
+
+def test_duplicate_keys_are_an_error_naming_key_and_lines(tmp_path):
+    (tmp_path / "t.yaml").write_text("model:\n  dim: 64\n  dim: 128\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'dim' \(first given on line 2\).*line 3"):
+        load_config(tmp_path / "t.yaml")
+    # a YAML merge key may be overridden: that is not a duplicate
+    (tmp_path / "m.yaml").write_text("a: &b {dim: 1}\nmodel:\n  <<: *b\n  dim: 2\n")
+    assert load_config(tmp_path / "m.yaml")["model"] == {"dim": 2}
+
+
+def test_floats_are_finite_and_bounds_apply_in_code():
+    from dataclasses import dataclass
+    from typing import Annotated
+
+    from dtop.config import AtMost, Positive, check_fields
+
+    @dataclass
+    class C:
+        x: Annotated[float, Positive, AtMost(1.0, why="a fraction")] = 0.5
+
+        def __post_init__(self) -> None:
+            check_fields(self, "c")
+
+    with pytest.raises(ConfigError, match="'c.x' must be at most 1 \\(a fraction\\)"):
+        C(2.0)
+    with pytest.raises(ConfigError, match="'c.x' must be a finite number"):
+        C(float("nan"))
+    with pytest.raises(ConfigError, match="section 'c' must be a mapping"):
+        from_dict(C, [1], where="c")

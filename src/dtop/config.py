@@ -9,8 +9,10 @@ dataclasses.
 * :func:`from_dict` turns a mapping into a typed dataclass and rejects unknown keys and values
   of the wrong type with a message that names the key and suggests the closest valid one.
 * The field types say what is valid: ``Literal[...]`` for a choice, :data:`PositiveInt` and the
-  other :class:`AtLeast` aliases for bounded numbers; :func:`check_fields` applies them to a
-  dataclass built directly (configs call it in ``__post_init__``).
+  other :class:`AtLeast` / :class:`AtMost` bounds for numbers (floats are always finite);
+  :func:`check_fields` applies them to a dataclass built directly (configs call it in
+  ``__post_init__``).
+* YAML is read with :data:`ConfigLoader`: duplicate keys are an error, ``1e-4`` is a float.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -53,6 +57,26 @@ class AtLeast:
             raise ConfigError(f"config key {key!r} must be {self.describe()}, got {value!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class AtMost:
+    """An upper bound on a number, as ``Annotated[float, Positive, AtMost(1)]``; ``why`` ends the message."""
+
+    maximum: float
+    #: True: the value must be smaller than ``maximum``, not equal to it.
+    exclusive: bool = False
+    why: str = ""
+
+    def describe(self) -> str:
+        """The bound in words: ``at most N`` or ``less than N``."""
+        return f"less than {self.maximum:g}" if self.exclusive else f"at most {self.maximum:g}"
+
+    def check(self, value: float, key: str) -> None:
+        """Raise a ConfigError naming ``key`` unless ``value`` lies within the bound."""
+        if value > self.maximum or (self.exclusive and value == self.maximum):
+            why = f" ({self.why})" if self.why else ""
+            raise ConfigError(f"config key {key!r} must be {self.describe()}{why}, got {value!r}")
+
+
 Positive = AtLeast(0, exclusive=True)
 NonNegative = AtLeast(0)
 PositiveInt = Annotated[int, Positive]
@@ -61,20 +85,85 @@ PositiveFloat = Annotated[float, Positive]
 NonNegativeFloat = Annotated[float, NonNegative]
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys and reads ``1e-4`` as a float.
+
+    YAML 1.1 (PyYAML) wants a dot in a float (``1.0e-4``) and reads ``1e-4`` as a string, which then
+    failed as "not a float"; YAML 1.2 and every user read it as a number.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """A mapping; a key given twice is an error naming the key and both lines."""
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base``: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: let the base class report it
+                break
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {first}); keep one",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2 floats: a mantissa without a dot (``1e-4``, ``5E3``) is a float too.
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse YAML text with :class:`ConfigLoader` (``source`` names it in error marks)."""
+    loader = ConfigLoader(text)
+    loader.name = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read one YAML file (without resolving ``_base_``) as a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from err
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {raw[err.start]:#04x} on line {line}); "
+                          "save it as UTF-8") from err
+    try:
+        data = parse_yaml(text, str(path))
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(err)}") from err
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level, not {type(data).__name__}")
     return data
+
+
+def _one_line(err: yaml.YAMLError) -> str:
+    """A YAML error as one line (PyYAML's message spans several, with a code excerpt)."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return f"{err.problem or err.context}{where}"
+    return " ".join(str(err).split())
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = (), _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -87,6 +176,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), _seen: tuple[Pa
     bases = data.pop(BASE_KEY, [])
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"config file {path}: {BASE_KEY} must be a file name or a list of file names "
+                          f"(e.g. {BASE_KEY}: ../models/dtop_tiny.yaml), got {bases!r}")
     merged: dict[str, Any] = {}
     for base in bases:
         merged = merge(merged, load_config(path.parent / base, (), (*_seen, path)))
@@ -114,9 +206,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML: {err}") from err
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: {_one_line(err)}") from err
     return key.split("."), value
 
 
@@ -147,9 +239,15 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
 
     ``where`` names the section in error messages (e.g. ``"model"``).
     """
-    data = dict(data or {})
-    hints = _field_hints(cls)
     prefix = f"{where}." if where else ""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        section = f"section {where!r}" if where else f"the {cls.__name__} config"
+        raise ConfigError(f"config {section} must be a mapping of keys to values, got {type(data).__name__} "
+                          f"{_short(data)}")
+    data = dict(data)
+    hints = _field_hints(cls)
     unknown = [k for k in data if k not in hints]
     if unknown:
         key = unknown[0]
@@ -200,7 +298,7 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
     if origin is Annotated:
         value = _check_type(value, args[0], key)
         for marker in args[1:]:
-            if isinstance(marker, AtLeast):
+            if isinstance(marker, AtLeast | AtMost):
                 marker.check(value, key)
         return value
     if origin is Literal:
@@ -228,6 +326,8 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
         return dict(value)
     if hint is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .inf/.nan: no setting of dtop means "infinite"
+                raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
             return float(value)
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -241,7 +341,13 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
     elif isinstance(hint, type) and isinstance(value, hint):
         return value
     name = getattr(hint, "__name__", str(hint))
-    raise ConfigError(f"config key {key!r} must be of type {name}, got {value!r}")
+    raise ConfigError(f"config key {key!r} must be of type {name}, got {_short(value)}")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a whole section pasted as a value stays one line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _check_choice(value: Any, choices: tuple[Any, ...], key: str) -> Any:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from dtop.config import (
+    AtMost,
+    NonNegative,
     NonNegativeFloat,
     NonNegativeInt,
+    Positive,
     PositiveFloat,
     PositiveInt,
     check_fields,
@@ -24,6 +28,15 @@ from dtop.models.config import ModelConfig
 
 #: How training images are resized into batches: aspect-ratio buckets, or a fixed square (baseline).
 Sampling = Literal["group-size", "square"]
+#: A learning rate: AdamW diverges long before 1.
+LearningRate = Annotated[float, Positive, AtMost(1.0, why="AdamW diverges far below; typical: 1e-5 to 1e-3")]
+#: A fraction of something, 0 to 1.
+Fraction = Annotated[float, NonNegative, AtMost(1.0)]
+#: The ArcFace logit scale: published settings are 16 to 64; far beyond, the loss saturates in float32.
+LogitScale = Annotated[float, Positive, AtMost(256.0, why="published settings are 16 to 64")]
+#: The largest margin per loss: ArcFace's is an angle (below pi/2, else even a sample on its centre gets
+#: a negative target logit); the contrastive margin is a distance between unit vectors (at most 2).
+MAX_MARGIN = {"arcface": math.pi / 2, "subcenter-arcface": math.pi / 2, "contrastive": 2.0}
 
 
 @dataclass
@@ -70,7 +83,7 @@ class LossConfig:
     #: ArcFace angular margin (default 0.3) or contrastive margin (default 0.7, cirtorch).
     margin: NonNegativeFloat | None = None
     #: ArcFace logit scale.
-    scale: PositiveFloat = 30.0
+    scale: LogitScale = 30.0
     #: Centres per class of sub-center ArcFace (default 3); plain ArcFace has one.
     subcenters: PositiveInt | None = None
     #: contrastive: (query, positive) pairs drawn per epoch (null: all), pool size, negatives per query.
@@ -82,6 +95,10 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "loss")
+        limit = MAX_MARGIN.get(self.name)
+        if limit is not None and self.margin is not None and self.margin >= limit:
+            raise ConfigError(f"loss.margin={self.margin:g} is out of range for loss {self.name!r}: it must be below "
+                              f"{limit:.4g} (typical: 0.3 for ArcFace, 0.7 for contrastive; null picks these)")
         if self.name == "arcface" and self.subcenters not in (None, 1):
             raise ConfigError(
                 f"loss 'arcface' has one centre per class (got loss.subcenters={self.subcenters}); "
@@ -116,13 +133,13 @@ class OptimConfig:
     #: Micro-batches accumulated per optimiser step.
     accum_steps: PositiveInt = 1
     #: Learning rate of the head (and loss weights, locality modules).
-    lr: NonNegativeFloat = 1e-4
+    lr: LearningRate = 1e-4
     #: Backbone learning rate = lr × this (the pretrained parts learn slower).
     backbone_lr_mult: NonNegativeFloat = 0.1
     weight_decay: NonNegativeFloat = 0.05
     warmup_steps: NonNegativeInt = 500
     #: Cosine decays to lr × this.
-    min_lr_ratio: NonNegativeFloat = 0.01
+    min_lr_ratio: Fraction = 0.01
     #: Max gradient norm (0 = no clipping).
     grad_clip: NonNegativeFloat = 1.0
     #: auto (bf16 on CUDA, off on the CPU) | none | bf16 | fp16 (with a gradient scaler)
