@@ -477,3 +477,47 @@ def test_evaluate_with_reranking_end_to_end(tmp_path, capsys) -> None:
         np.testing.assert_array_equal(np.load(out / entry["ranks"][bench["name"]]), reranked[:, :5].T)
     graphs = list((tmp_path / "diffusion" / "descriptors").rglob("knn-*.safetensors"))
     assert len(graphs) == 1  # the graph is kept with the descriptors
+
+
+# --------------------------------------------------------------------------------- dtop search
+
+
+def test_search_an_index_with_post_processing(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from dtop.apps.index import ImageIndex, build_image_index
+    from dtop.cli.main import main
+    from dtop.engine.extract import extract
+    from dtop.engine.settings import ExtractSettings
+    from dtop.models import build_model
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    places = rng.integers(0, 255, (4, 6, 6, 3))
+    for i in range(12):  # four "places", three photos of each
+        noisy = np.clip(np.kron(places[i // 3], np.ones((12, 12, 1))) + rng.integers(-30, 30, (72, 72, 3)), 0, 255)
+        Image.fromarray(noisy.astype(np.uint8)).save(folder / f"p{i:02d}.png")
+    torch.manual_seed(0)
+    model = build_model("dtop_tiny")
+    settings = ExtractSettings(image_size=64, scales=[1.0], dtype="float32")
+    build_image_index(tmp_path / "idx", sorted(folder.iterdir()), model, settings, num_workers=0, progress=False)
+    index = ImageIndex.open(tmp_path / "idx")
+    queries = [str(folder / "p00.png"), str(folder / "p07.png")]
+    steps = ["qe:k=2", "superglobal:m=8,k=2,kq=2"]
+    out = tmp_path / "out.json"
+    assert main(["search", "--index", str(tmp_path / "idx"), *queries, "--topk", "5", "--workers", "0",
+                 "--no-progress", "--json", str(out), "--post", *steps]) == 0
+    data = json.loads(out.read_text())
+    assert [s["name"] for s in data["post"]] == ["qe", "superglobal"] and data["engine"] == "torch"
+    # the same pipeline on freshly extracted descriptors of the indexed images
+    q = extract(model, queries, settings=settings)
+    x = extract(model, index.paths, settings=settings)
+    scores, indices = PostProcessing.from_config(steps).search(q, x, 5)
+    for entry, s_row, i_row in zip(data["queries"], scores, indices):
+        assert [r["path"] for r in entry["results"]] == [index.paths[i] for i in i_row]
+        assert [r["score"] for r in entry["results"]] == pytest.approx(s_row.tolist(), abs=1e-5)
+    capsys.readouterr()
+    assert main(["search", "--index", str(tmp_path / "idx"), queries[0], "--search-params", "nprobe=2",
+                 "--post", "qe"]) == 2
+    assert "exact" in capsys.readouterr().err

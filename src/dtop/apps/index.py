@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
+import torch
 
 from dtop import __version__
 from dtop.apps.index_format import (
@@ -48,6 +49,7 @@ from dtop.errors import ConfigError, DataError
 from dtop.models.base import RetrievalModel
 from dtop.models.identity import model_fingerprint
 from dtop.retrieval.faiss_index import FaissIndex
+from dtop.retrieval.postprocess import PostProcessing
 from dtop.retrieval.search import search
 from dtop.retrieval.store import Failure
 from dtop.utils.io import write_json
@@ -391,12 +393,14 @@ class ImageIndex:
         exact: bool = False,
         search_params: str | None = None,
         device: str | None = None,
+        post: PostProcessing | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``topk`` of query descriptors ``(n, d)``: ``(scores, indices)`` into :attr:`paths`.
 
         Exact (torch) search unless the index uses faiss and not ``exact``; ``search_params``
         overrides the faiss search parameters stored in the index (e.g. ``nprobe=32``). With an
-        approximate faiss index, missing results have index -1.
+        approximate faiss index, missing results have index -1. ``post``: post-processing of both
+        sides at query time (the index is not changed) and re-ranking; the search is then exact.
         """
         db = self._database()
         if not db.paths:
@@ -405,6 +409,13 @@ class ImageIndex:
                 + (f" ({db.num_failed} unreadable)" if db.num_failed else "")
                 + f"; add some with `dtop index add --index {self.root} --images DIR`"
             )
+        if post is not None and len(post):
+            if search_params:
+                raise ConfigError("search parameters apply to faiss indexes only; with post-processing the search "
+                                  "is exact (torch)")
+            database = torch.cat([torch.as_tensor(np.asarray(p, dtype=np.float32)) for p in db.parts])
+            q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
+            return post.search(q, database, topk, device=resolve_device(device) if device else None)
         if self.engine == "faiss" and not exact:
             if not self._faiss_is_current():
                 raise DataError(
@@ -430,8 +441,12 @@ class ImageIndex:
         device: str | None = None,
         amp: str = "auto",
         progress: bool = False,
+        post: PostProcessing | None = None,
     ) -> list[SearchResult]:
-        """Extract query images with the index's model and settings (whole image) and search them."""
+        """Extract query images with the index's model and settings (whole image) and search them.
+
+        ``post``: post-processing and re-ranking at query time (see :meth:`search`).
+        """
         names = [str(p) for p in images]
         if not names:
             raise ConfigError("give at least one query image")
@@ -447,7 +462,8 @@ class ImageIndex:
                            device=device, amp=amp, progress=progress)
         except DataError as err:
             raise DataError(f"query image(s) unreadable: {err}. Give image files dtop can read") from err
-        scores, indices = self.search(desc.numpy(), topk, exact=exact, search_params=search_params, device=device)
+        scores, indices = self.search(desc.numpy(), topk, exact=exact, search_params=search_params, device=device,
+                                      post=post)
         results = []
         for q, s_row, i_row in zip(names, scores, indices):
             keep = i_row >= 0

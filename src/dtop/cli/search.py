@@ -52,15 +52,21 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--topk must be at least 1, got {args.topk}")
     index = ImageIndex.open(args.index)
     queries = _query_paths(args.images)
+    post = None
+    if args.post:  # a bare whiten takes the whitening saved with the index's model, as in dtop evaluate
+        from dtop.engine.evaluate import _post_processing
+
+        post = _post_processing(args.post, index.load_model())
     results = index.query(queries, args.topk, exact=args.exact, search_params=args.search_params,
                           batch_size=args.batch_size, num_workers=args.workers, device=args.device, amp=args.amp,
-                          progress=not args.no_progress and len(queries) > 50)
+                          progress=not args.no_progress and len(queries) > 50, post=post)
     print(format_results(results))
     if args.json:
         write_json(args.json, {
             "index": str(index.root.resolve()),
             "topk": args.topk,
-            "engine": "torch" if args.exact or index.engine == "torch" else "faiss",
+            "engine": "torch" if args.exact or args.post or index.engine == "torch" else "faiss",
+            "post": post.describe() if post is not None else [],
             "model_fingerprint": index.model_fingerprint,
             "queries": [r.to_dict() for r in results],
         })
@@ -90,5 +96,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--thumb", type=int, default=160, help="contact sheet thumbnail size in pixels (default 160)")
     p.add_argument("--exact", action="store_true", help="exact search even if the index has a faiss index")
     p.add_argument("--search-params", default=None, help="faiss search parameters, e.g. nprobe=32")
+    p.add_argument("--post", nargs="+", default=[], metavar="STEP",
+                   help="post-processing at query time over the index's descriptors (the index is not changed), "
+                   "put after the images: whiten, dba, qe, then at most one re-ranking step, diffusion or "
+                   "superglobal, e.g. --post qe:k=3 superglobal:m=100. The search is then exact, and the scores "
+                   "printed are those of the re-ranking step")
     add_runtime_args(p, workers=0, shard_size=False)
     p.set_defaults(func=run)
