@@ -53,7 +53,10 @@ def register(subparsers) -> None:
     p.add_argument("--post", nargs="*", default=[],
                    help="post-processing steps, applied in the order whiten → dba → qe, e.g. whiten qe:k=5,alpha=3. "
                    "whiten: the checkpoint's whitening; whiten:path=FILE: a whitening file (both from `dtop "
-                   "whiten`); whiten:fit=database: PCA fitted on the evaluated database (transductive, marked *)")
+                   "whiten`); whiten:fit=database: PCA fitted on the evaluated database (transductive, marked *). "
+                   "Then at most one re-ranking step of each query's top results: diffusion (k=50 graph "
+                   "neighbours, trunc=10000 re-ranked, kq, alpha, gamma, ivf=N for an approximate graph) or "
+                   "superglobal (m=400 re-ranked, k, kq, beta), e.g. qe:k=2 diffusion:k=50")
     p.add_argument("--topk", type=int, default=100, help="ranks kept for the report (default 100)")
     add_extraction_args(p)
     p.set_defaults(func=run)
