@@ -158,7 +158,7 @@ def _reciprocal(scores: np.ndarray, indices: np.ndarray, gamma: float) -> tuple[
     """
     idx = torch.from_numpy(indices)
     n, k = idx.shape
-    w = torch.from_numpy(scores).to(torch.float64).clamp_min(0).pow(gamma)
+    w = torch.from_numpy(scores).to(torch.float32).clamp_min(0).pow(gamma)
     neighbors = torch.full((n, k), -1, dtype=torch.int32)
     weights = torch.zeros((n, k), dtype=torch.float32)
     step = max(1, _PAIR_BUDGET // (k * k))
