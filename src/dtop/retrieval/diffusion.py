@@ -192,7 +192,8 @@ def build_knn_graph(
 
     ``k`` counts the vector itself (which gets no edge); the weight is ``max(s, 0)^gamma`` of the
     cosine similarity ``s``. The neighbour search is exact: faiss (``engine="faiss"``, or
-    ``"auto"`` when it is installed) or the chunked torch search (``chunk_size``, ``device``);
+    ``"auto"`` when it is installed and ``device`` is not a GPU) or the chunked torch search
+    (``chunk_size``, ``device``);
     with ``ivf`` lists it is approximate (faiss ``IVF<ivf>,Flat`` searching ``nprobe`` lists),
     much faster on large databases.
     """
@@ -201,7 +202,7 @@ def build_knn_graph(
     x = check_matrix(database, "database")
     if int(x.shape[0]) == 0:
         raise DataError("the database is empty: there is no graph to build")
-    used = _resolve_engine(engine) if ivf is None else f"faiss IVF{ivf},Flat nprobe={nprobe}"
+    used = _resolve_engine(engine, device) if ivf is None else f"faiss IVF{ivf},Flat nprobe={nprobe}"
     log.info("building the reciprocal %d-NN graph of %d descriptors (%s)", k, x.shape[0], used)
     if ivf is None:
         scores, indices = _neighbour_lists(x, k, used, chunk_size, device)
@@ -214,11 +215,14 @@ def build_knn_graph(
     return KnnGraph(neighbors, weights, k=int(k), gamma=float(gamma), info=info)
 
 
-def _resolve_engine(engine: str) -> str:
+def _resolve_engine(engine: str, device: str | torch.device | None) -> str:
+    """``auto``: torch on a GPU device, else faiss when it is installed, else torch."""
     if engine not in ("auto", "faiss", "torch"):
         raise ConfigError(f"k-NN graph: engine must be auto, faiss or torch, got {engine!r}")
     if engine != "auto":
         return engine
+    if device is not None and torch.device(device).type != "cpu":
+        return "torch"
     try:
         import faiss  # noqa: F401 - only asking whether it is installed
     except ImportError:
