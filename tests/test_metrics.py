@@ -371,3 +371,26 @@ def test_ranks_errors() -> None:
         compute_map(np.zeros(10, dtype=np.int64), gnd)
     with pytest.raises(DataError, match="kappas must be positive"):
         compute_map(np.zeros((10, 3), dtype=np.int64), gnd, [0])
+
+
+def test_large_and_unsigned_rank_indices() -> None:
+    gnd = [([0], [1])]
+    ranks = np.array([[10**12], [1], [0]], dtype=np.int64)  # a far distractor first, then junk, then the positive
+    expected = compute_map(ranks, gnd, [1, 5])
+    assert expected[0] == 0.25  # junk removed: the positive is second, AP = (0/1 + 1/2) / 2
+    for dtype in (np.uint64, np.int64):
+        got = compute_map(ranks.astype(dtype), gnd, [1, 5])
+        assert got[0] == expected[0] and _same(got[2], expected[2])
+    wrapped = np.array([[2**64 - 1], [0]], dtype=np.uint64)  # -1 stored as unsigned
+    with pytest.raises(DataError, match=r"index 18446744073709551615 \(>= 2\^63\).*int64"):
+        compute_map(wrapped, gnd)
+
+
+def test_ground_truth_without_queries_is_rejected() -> None:
+    empty = GroundTruth(["a", "b"], [], [], "empty")
+    with pytest.raises(DataError, match="ground truth has no queries"):
+        evaluate(np.zeros((2, 0), dtype=np.int64), empty)
+    with pytest.raises(DataError, match="ground truth has no queries"):
+        evaluate_scores(np.zeros((0, 2), dtype=np.float32), empty)
+    with pytest.raises(DataError, match="ground truth has no queries"):
+        compute_map(np.zeros((2, 0), dtype=np.int64), [])

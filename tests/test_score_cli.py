@@ -147,6 +147,36 @@ def test_descriptor_errors(files: dict, capsys: pytest.CaptureFixture) -> None:
     assert "row 17 contains NaN" in _error(_score("--queries", files["q"], "--database", root / "x_nan.npy"), capsys)
 
 
+def test_large_unsigned_ranks_and_empty_ground_truth(
+    files: dict, gnd: GroundTruth, capsys: pytest.CaptureFixture
+) -> None:
+    root = files["root"]
+    ranks = np.load(files["ranks"])[:50].copy()
+    expected = evaluate(ranks, gnd)
+    far = ranks.copy()
+    far[0] = 10**12 + np.arange(ranks.shape[1])  # far distractors on top: no bincount up to 10^12
+    np.save(root / "far.npy", far.astype(np.uint64))
+    out_json = root / "far.json"
+    assert main(_score("--ranks", root / "far.npy", "--json", out_json)) == 0
+    assert "indices up to 1,000,000,000,069" in capsys.readouterr().out
+    near = ranks.copy()
+    near[0] = gnd.n_database + 10_000 + np.arange(ranks.shape[1])  # the same, as nearer distractors
+    assert json.loads(out_json.read_text())["medium"] == evaluate(near, gnd)["medium"] != expected["medium"]
+    dup = far.copy()
+    dup[7, 3] = dup[0, 3]
+    np.save(root / "far_dup.npy", dup)
+    assert "query 3 contains image 1000000000003 2 times" in _error(_score("--ranks", root / "far_dup.npy"), capsys)
+    wrapped = ranks.astype(np.uint64)
+    wrapped[5, 2] = np.uint64(2**64 - 1)  # -1 stored as unsigned
+    np.save(root / "wrapped.npy", wrapped)
+    err = _error(_score("--ranks", root / "wrapped.npy"), capsys)
+    assert "18446744073709551615 (>= 2^63)" in err and "Traceback" not in err
+    GroundTruth(["a", "b"], [], [], "empty").save_json(root / "empty.json")
+    np.save(root / "r0.npy", np.zeros((2, 0), dtype=np.int64))
+    err = _error(["score", "--gnd", str(root / "empty.json"), "--ranks", str(root / "r0.npy")], capsys)
+    assert "the ground truth has no queries" in err
+
+
 def test_help_lists_score(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         main(["score", "--help"])

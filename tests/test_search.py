@@ -101,11 +101,11 @@ def test_iter_scores_and_ranks_layout(data: tuple) -> None:
 
 def test_default_chunk_is_bounded() -> None:
     # at most 1/8 of the collection (but >= 1024 rows) and at most 65,536 rows per chunk
-    assert search_mod._chunk_rows(1_005_993, 70, None) == 65_536
-    assert search_mod._chunk_rows(100_000, 70, None) == 12_500
-    assert search_mod._chunk_rows(5_000, 70, None) == 1_024
+    assert search_mod.chunk_rows(1_005_993, 70, None) == 65_536
+    assert search_mod.chunk_rows(100_000, 70, None) == 12_500
+    assert search_mod.chunk_rows(5_000, 70, None) == 1_024
     # the score block stays within the budget when there are many queries
-    assert search_mod._chunk_rows(1_000_000, 4096, None) * 4096 <= search_mod.SCORE_BUDGET
+    assert search_mod.chunk_rows(1_000_000, 4096, None) * 4096 <= search_mod.SCORE_BUDGET
 
 
 def test_search_errors(data: tuple) -> None:

@@ -69,16 +69,17 @@ def _load_npy(path: Path, what: str) -> np.ndarray:
 
 
 def _check_unique(ranks: np.ndarray) -> None:
-    """Each query's ranked list must name every image at most once."""
-    for q in range(ranks.shape[1]):
-        col = np.asarray(ranks[:, q], dtype=np.int64)
-        counts = np.bincount(col)
-        if counts.max(initial=0) > 1:
-            dup = int(np.argmax(counts))
-            raise DataError(
-                f"the ranked list of query {q} contains image {dup} {int(counts[dup])} times; each "
-                "column of --ranks must list distinct database indices"
-            )
+    """Each query's ranked list must name every image at most once (sorted, so any index size works)."""
+    ordered = np.sort(ranks, axis=0)
+    repeated = ordered[1:] == ordered[:-1]
+    if not repeated.any():
+        return
+    q = int(np.flatnonzero(repeated.any(axis=0))[0])
+    dup = ordered[1:, q][repeated[:, q]][0]
+    raise DataError(
+        f"the ranked list of query {q} contains image {int(dup)} {int(np.count_nonzero(ranks[:, q] == dup))} "
+        "times; each column of --ranks must list distinct database indices"
+    )
 
 
 def _check_descriptors(x: np.ndarray, what: str, rows: int | None, dim: int | None) -> None:
@@ -158,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None and args.json.is_dir():
         raise DataError(f"--json {args.json} is a directory; give a file name such as results.json")
     gnd = load_gnd(args.gnd)
+    if gnd.n_queries == 0:
+        raise DataError(f"{args.gnd}: the ground truth has no queries, so there is nothing to score; check the file")
     if args.ranks is not None:
         results, info = _score_ranks(args, gnd)
     else:

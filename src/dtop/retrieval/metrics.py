@@ -4,14 +4,15 @@ The numbers agree bit for bit with the reference ``compute_map`` of revisitop/ci
 fixes: a query without positives is left out of the means (AP = P@k = NaN), and a truncated list
 holding none of a query's positives gives AP = P@k = 0. Ranked lists go in through
 :func:`evaluate`; similarity scores through :func:`evaluate_scores`, which needs no sort of the
-collection. Equal scores rank by increasing database index (the order of
-:func:`dtop.retrieval.search.search`). Details: docs/retrieval.md.
+collection; :func:`score_and_search` scores descriptors and keeps the top k in one pass. Equal
+scores rank by increasing database index (the order of :func:`dtop.retrieval.search.search`).
+Details: docs/retrieval.md.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,9 +20,19 @@ import torch
 
 from dtop.data.gnd import DEFAULT_KAPPAS, PROTOCOLS, GroundTruth
 from dtop.errors import DataError
+from dtop.retrieval.positions import count_positions, positions_from_scores
+from dtop.retrieval.search import RunningTopK, iter_scores
 
-_SCORE_BLOCK = 1 << 16  # columns per block when a whole score matrix is given
-
+__all__ = [
+    "check_ranks",
+    "compute_ap",
+    "compute_map",
+    "evaluate",
+    "evaluate_scores",
+    "format_results",
+    "positions_from_scores",
+    "score_and_search",
+]
 
 # --------------------------------------------------------------------------------------------- AP
 
@@ -153,12 +164,27 @@ def check_ranks(ranks: Any, n_queries: int) -> np.ndarray:
         )
     if ranks.shape[0] == 0:
         raise DataError("ranks is empty (0 ranked images per query)")
-    if ranks.dtype.kind == "i" and ranks.size and int(ranks.min()) < 0:
+    _check_no_queries(n_queries)
+    if ranks.dtype.kind == "i" and int(ranks.min()) < 0:
         raise DataError(
             f"ranks holds negative index {int(ranks.min())}; indices are 0-based database positions "
             "(faiss marks missing results with -1: ask for fewer neighbours than the index holds)"
         )
+    if ranks.dtype.kind == "u" and ranks.dtype.itemsize == 8 and int(ranks.max()) >= 1 << 63:
+        raise DataError(
+            f"ranks holds index {int(ranks.max())} (>= 2^63): a negative index stored as unsigned, e.g. "
+            "faiss's -1 for a missing result; store ranks as int64 and ask for fewer neighbours than "
+            "the index holds"
+        )
     return ranks
+
+
+def _check_no_queries(n_queries: int) -> None:
+    if n_queries == 0:
+        raise DataError(
+            "the ground truth has no queries: there is nothing to evaluate; check the gnd file "
+            "(its 'qimlist' and 'gnd' lists are empty)"
+        )
 
 
 def _positions_in_ranks(column: np.ndarray, pos: np.ndarray, junk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -200,230 +226,6 @@ def compute_map(
 
 
 # ---------------------------------------------------------------------------------------- scores
-
-
-def _score_blocks(scores: Any) -> Iterable[torch.Tensor]:
-    if isinstance(scores, np.ndarray | torch.Tensor):
-        t = torch.as_tensor(scores)
-        if t.ndim != 2:
-            raise DataError(f"scores must be 2-D (n_queries, n_images), got shape {tuple(t.shape)}")
-        for start in range(0, t.shape[1], _SCORE_BLOCK):
-            yield t[:, start : start + _SCORE_BLOCK]
-        return
-    for block in scores:
-        yield torch.as_tensor(block)
-
-
-def _ties_before(head: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Per image of interest, the head images with an equal score and a smaller index (ranked first).
-
-    All such images lie in the head (indices below the image of interest), so they are counted
-    there: the position in a stable descending sort of the head minus the number of head images
-    scoring strictly higher.
-    """
-    nq, n_head = head.shape
-    ranking = torch.sort(head, dim=1, descending=True, stable=True).indices
-    rank_of = torch.empty_like(ranking)
-    rank_of.scatter_(1, ranking, torch.arange(n_head).expand(nq, n_head).contiguous())
-    ascending = torch.sort(head, dim=1).values
-    greater = n_head - torch.searchsorted(ascending, values.contiguous(), right=True)
-    return rank_of.gather(1, idx) - greater
-
-
-class _RankCounter:
-    """Counts, block by block, how many images score strictly higher than each image of interest.
-
-    Per query, the scores of its images of interest are sorted thresholds ``t_0 <= ... < t_m``;
-    every image adds one to the bin ``b = #{t < score}``, and the number of images scoring higher
-    than ``t_j`` is the count of the bins above ``j``. Finding ``b`` by binary search costs ~35 ns an
-    image; instead a monotone map ``cell(s) = trunc(clamp(s * a - c, -1, G + 1))`` into ``G + 3``
-    cells gives ``b`` by table look-up whenever no threshold lies in the image's cell (monotonicity
-    makes this exact: ``cell(t) < cell(s)`` implies ``t < s``); images in a cell holding a threshold
-    (a few percent) are binary-searched. Thresholds and scores go through the very same operations
-    in the same dtype, so rounding cannot break the argument.
-    """
-
-    def __init__(self, interest: list[np.ndarray], head: torch.Tensor) -> None:
-        # interest[q]: sorted unique indices < head.shape[1]; head: scores (float32 or float64) of the
-        # first images, in the dtype every block is converted to.
-        nq = len(interest)
-        self.dtype = head.dtype
-        self.n_queries = nq
-        self.sizes = [len(x) for x in interest]
-        m = max(self.sizes, default=0)
-        self.width = m
-        self.trash = nq * (m + 1)
-        if m == 0:
-            return
-        idx = torch.zeros((nq, m), dtype=torch.int64)
-        valid = torch.zeros((nq, m), dtype=torch.bool)
-        for q, ix in enumerate(interest):
-            idx[q, : len(ix)] = torch.from_numpy(ix)
-            valid[q, : len(ix)] = True
-        values = head.gather(1, idx)
-        ties_before = _ties_before(head, idx, values)
-        # sort thresholds per query (padding +inf goes last)
-        values = torch.where(valid, values, torch.full_like(values, math.inf))
-        thr, order = torch.sort(values, dim=1, stable=True)
-        self.order = order
-        self.ties_before = ties_before.gather(1, order)
-        self._build_lookup(thr.numpy(), valid.gather(1, order).numpy())
-
-    def _build_lookup(self, thr_np: np.ndarray, valid: np.ndarray) -> None:
-        """The cell map and look-up table of the sorted thresholds ``(n_queries, width)``.
-
-        numpy from here on: in-place ufuncs on reused buffers are several times faster than
-        allocating torch temporaries for every block.
-        """
-        nq, m = self.n_queries, self.width
-        grid = int(min(1 << 16, max(1024, 32 * m)))
-        self.grid = grid
-        n_cells = grid + 3
-        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
-        scale = np.ones((nq, 1), dtype=np_dtype)
-        shift = np.zeros((nq, 1), dtype=np_dtype)
-        for q, size in enumerate(self.sizes):
-            if size == 0:
-                continue
-            lo, hi = float(thr_np[q, 0]), float(thr_np[q, size - 1])
-            a = grid / (hi - lo) if hi > lo else 1.0
-            if not math.isfinite(a) or a > 1e30:
-                a = 1.0
-            scale[q] = a
-            shift[q] = lo * a
-        self.scale, self.shift = scale, shift
-        # +1 so that cells start at 0, and each query gets its own range of the look-up table
-        self.cell_offsets = (np.arange(nq, dtype=np.int32) * n_cells + 1).reshape(nq, 1)
-        cells = self._cells(thr_np, np.empty(thr_np.shape, np_dtype), np.empty(thr_np.shape, np.int32))
-        per_cell = np.bincount(cells[valid], minlength=nq * n_cells).reshape(nq, n_cells)
-        upto = per_cell.cumsum(1)  # thresholds in cells <= c
-        below = upto - per_cell  # thresholds in cells < c
-        bin_offsets = (np.arange(nq, dtype=np.int64) * (m + 1)).reshape(nq, 1)
-        lut = np.where(per_cell > 0, self.trash, below + bin_offsets)
-        self.lut = lut.astype(np.int32).ravel()  # global bin of an image in that cell, or trash
-        self.below = below.ravel()
-        self.upto = upto.ravel()
-        self.steps = max(1, int(per_cell.max()).bit_length())
-        self.thresholds_np = np.ascontiguousarray(thr_np).ravel()
-        self.hist_np = np.zeros(self.trash + 1, dtype=np.int64)
-        self._buffers: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-
-    def _cells(self, x: np.ndarray, y: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Monotone global cell index of scores ``x`` ``(n_queries, c)``, using buffers y and out."""
-        np.multiply(x, self.scale, out=y)
-        np.subtract(y, self.shift, out=y)
-        np.clip(y, -1.0, self.grid + 1.0, out=y)
-        np.copyto(out, y, casting="unsafe")  # truncation toward zero: monotone
-        np.add(out, self.cell_offsets, out=out)
-        return out
-
-    def update(self, block: np.ndarray) -> None:
-        """Count one block of scores ``(n_queries, c)`` (numpy, the counter's dtype)."""
-        if self.width == 0:
-            return
-        nq, width = block.shape
-        size = nq * width
-        if self._buffers is None or self._buffers[0].size < size:
-            self._buffers = (
-                np.empty(size, dtype=block.dtype),
-                np.empty(size, dtype=np.int32),
-                np.empty(size, dtype=np.int32),
-            )
-        y = self._buffers[0][:size].reshape(nq, width)
-        cells = self._cells(block, y, self._buffers[1][:size].reshape(nq, width)).ravel()
-        bins = self._buffers[2][:size]
-        np.take(self.lut, cells, out=bins)
-        self.hist_np += np.bincount(bins, minlength=self.hist_np.size)
-        hot = np.flatnonzero(bins == self.trash)
-        if hot.size == 0:
-            return
-        # exact bins of images whose cell holds thresholds: vectorised binary search restricted to
-        # the thresholds of that cell (a contiguous range of the query's sorted thresholds)
-        values = block.ravel()[hot]
-        cell = cells[hot]  # global cell index: query * n_cells + cell
-        rows = hot // width
-        lo = self.below[cell]
-        hi = self.upto[cell]
-        base = rows * self.width
-        for _ in range(self.steps):
-            active = lo < hi
-            mid = (lo + hi) // 2
-            probe = np.clip(np.minimum(mid, hi - 1), 0, None)
-            less = self.thresholds_np[base + probe] < values
-            lo = np.where(active & less, mid + 1, lo)
-            hi = np.where(active & ~less, mid, hi)
-        self.hist_np += np.bincount(rows * (self.width + 1) + lo, minlength=self.hist_np.size)
-
-    def positions(self) -> list[np.ndarray]:
-        """0-based positions in the full ranking, aligned with ``interest[q]``."""
-        if self.width == 0:
-            return [np.empty(0, dtype=np.int64) for _ in range(self.n_queries)]
-        hist = self.hist_np[: self.trash].reshape(self.n_queries, self.width + 1)
-        # an image counted in bin b scores higher than thresholds 0..b-1
-        greater = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1:]
-        pos_sorted = greater + self.ties_before.numpy()
-        order = self.order.numpy()
-        out = []
-        for q, size in enumerate(self.sizes):
-            res = np.empty(size, dtype=np.int64)
-            res[order[q, :size]] = pos_sorted[q, :size]
-            out.append(res)
-        return out
-
-
-def positions_from_scores(scores: Any, interest: Sequence[Sequence[int] | np.ndarray]) -> list[np.ndarray]:
-    """0-based positions that given images take in each query's full ranking, without sorting.
-
-    ``scores``: similarities ``(n_queries, n_images)`` as one numpy/torch array or an iterable of
-    column blocks ``(n_queries, c_i)`` covering consecutive images from index 0. ``interest[q]``:
-    the database indices whose positions are wanted for query ``q``. Returns, per query, an int64
-    array aligned with ``sorted(set(interest[q]))``. Ties are ranked by increasing index (module
-    docstring); the scores must be finite.
-    """
-    return _positions_from_scores(scores, interest)[0]
-
-
-def _positions_from_scores(scores: Any, interest: Sequence[Any]) -> tuple[list[np.ndarray], int]:
-    sets = [np.unique(np.asarray(x, dtype=np.int64).reshape(-1)) for x in interest]
-    if any(s.size and s[0] < 0 for s in sets):
-        raise DataError("positions_from_scores: negative image index of interest")
-    nq = len(sets)
-    head_size = max((int(s[-1]) + 1 for s in sets if s.size), default=0)
-    pending: list[np.ndarray] = []
-    seen = 0
-    counter: _RankCounter | None = None
-    dtype: torch.dtype | None = None
-    for block in _score_blocks(scores):
-        if block.ndim != 2 or block.shape[0] != nq:
-            raise DataError(
-                f"a block of scores has shape {tuple(block.shape)}; expected ({nq}, n_images): one row per query"
-            )
-        if dtype is None:  # float64 and integer scores are compared in float64, the rest in float32
-            wide = block.dtype == torch.float64 or not block.is_floating_point()
-            dtype = torch.float64 if wide else torch.float32
-        arr = np.ascontiguousarray(block.detach().to(device="cpu", dtype=dtype).numpy())
-        if arr.size and not (math.isfinite(arr.min()) and math.isfinite(arr.max())):  # NaN propagates
-            raise DataError(
-                f"scores of images {seen}..{seen + arr.shape[1] - 1} contain NaN or infinity; check "
-                "the descriptors for NaN (e.g. an L2 normalisation of an all-zero vector)"
-            )
-        seen += arr.shape[1]
-        if counter is None:
-            pending.append(arr)
-            if seen >= head_size:
-                head = torch.from_numpy(np.concatenate(pending, axis=1)[:, :head_size])
-                counter = _RankCounter(sets, head)
-                for b in pending:
-                    counter.update(b)
-                pending = []
-        else:
-            counter.update(arr)
-    if counter is None:
-        raise DataError(
-            f"the scores cover {seen} images but the ground truth refers to image index {head_size - 1}; "
-            "the database images must come first, in ground-truth (imlist) order"
-        )
-    return counter.positions(), seen
 
 
 def _protocol_positions(
@@ -481,8 +283,9 @@ def evaluate_scores(
     ks = _check_kappas(kappas)
     if n_ranked is not None and n_ranked < 1:
         raise DataError(f"n_ranked must be at least 1, got {n_ranked}")
+    _check_no_queries(gnd.n_queries)
     interest = [np.array(sorted(q["easy"] + q["hard"] + q["junk"]), dtype=np.int64) for q in gnd.gnd]
-    positions, n_images = _positions_from_scores(scores, interest)
+    positions, n_images = count_positions(scores, interest)
     if n_images < gnd.n_database:
         raise DataError(
             f"the scores cover {n_images} images but the database of {gnd.name or 'the benchmark'} has "
@@ -494,6 +297,35 @@ def evaluate_scores(
         per_query = (_query_metrics(p, j, n, ks) for p, j, n in found)
         results[name] = _result(_aggregate(per_query, len(ks)), ks)
     return results
+
+
+def score_and_search(
+    queries: Any,
+    database: Any,
+    gnd: GroundTruth,
+    topk: int = 100,
+    kappas: Sequence[int] = DEFAULT_KAPPAS,
+    chunk_size: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """:func:`evaluate_scores` of the descriptors and their top-``topk`` search, in one pass.
+
+    Equal to ``evaluate_scores(iter_scores(queries, database), gnd)`` and
+    ``search(queries, database, topk)[1]``, but the database is scored once. Returns the
+    results and the indices ``(n_queries, min(topk, n_images))``, best first.
+    """
+    best = RunningTopK(int(topk))
+    if best.k < 1:
+        raise DataError(f"topk must be at least 1, got {topk}")
+
+    def blocks() -> Iterator[torch.Tensor]:
+        for block in iter_scores(queries, database, chunk_size=chunk_size, device=device, progress=progress):
+            yield block
+            best.update(block)  # after the counter has checked the block for NaN
+
+    results = evaluate_scores(blocks(), gnd, kappas)
+    return results, best.result()[1]
 
 
 def format_results(results: Mapping[str, Any], title: str | None = None) -> str:

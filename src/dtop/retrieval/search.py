@@ -1,7 +1,8 @@
 """Exact nearest-neighbour search by inner product (cosine similarity for L2-normalised descriptors).
 
-:func:`search` returns the top k of every query, :func:`iter_scores` yields the score blocks; both
-score the database chunk by chunk, so memory stays bounded at any collection size (design notes in
+:func:`search` returns the top k of every query, :func:`iter_scores` yields the score blocks and
+:class:`RunningTopK` keeps the top k over them; the database is scored chunk by chunk (converted
+per chunk, e.g. from float16), so memory stays bounded at any collection size (design notes in
 docs/retrieval.md). Results are ``(scores, indices)`` numpy arrays ``(n_queries, k)``, best first,
 equal scores by increasing database index.
 """
@@ -22,6 +23,7 @@ from dtop.errors import ConfigError, DataError
 MAX_CHUNK = 1 << 16
 MIN_CHUNK = 1024
 SCORE_BUDGET = 1 << 24  # elements of one score block (64 MiB in float32)
+CONVERT_BUDGET = 1 << 23  # elements of the buffer a chunk is converted into (32 MiB in float32)
 PROGRESS_MIN_ROWS = 500_000  # show a progress bar by default from this collection size on
 
 
@@ -92,7 +94,8 @@ def _to_tensor(x: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.
     return x.to(device=device, dtype=dtype)
 
 
-def _chunk_rows(n_total: int, n_queries: int, chunk_size: int | None) -> int:
+def chunk_rows(n_total: int, n_queries: int, chunk_size: int | None) -> int:
+    """Database rows scored at once: ``chunk_size``, or by default a bounded score block."""
     if chunk_size is not None:
         if chunk_size < 1:
             raise ConfigError(f"chunk_size must be a positive number of database rows, got {chunk_size}")
@@ -108,12 +111,50 @@ def _progress(progress: bool | None, n_total: int) -> bool:
 def _iter_chunks(
     parts: list[np.ndarray | torch.Tensor], rows: int, device: torch.device, dtype: torch.dtype
 ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, chunk)`` over the database, each chunk on ``device`` in ``dtype``.
+
+    A chunk that needs converting (another dtype, e.g. a float16 store, or another device) is
+    copied into one buffer of at most ``CONVERT_BUDGET`` elements reused for every chunk (such
+    chunks are smaller), so the whole matrix is never converted at once and no fresh memory is
+    touched per chunk. A chunk is only valid until the next one is made.
+    """
+    buffer: torch.Tensor | None = None
     offset = 0
     for part in parts:
-        for start in range(0, int(part.shape[0]), rows):
-            chunk = _to_tensor(part[start : start + rows], device, dtype)
+        step = rows
+        if _needs_conversion(part, device, dtype):
+            step = max(1, min(rows, CONVERT_BUDGET // max(1, int(part.shape[1]))))
+        for start in range(0, int(part.shape[0]), step):
+            piece = part[start : start + step]
+            if isinstance(piece, np.ndarray):
+                with warnings.catch_warnings():  # read-only memory maps: we never write to them
+                    warnings.simplefilter("ignore", UserWarning)
+                    piece = torch.from_numpy(np.ascontiguousarray(piece))
+            if piece.dtype == dtype and piece.device == device:
+                yield offset + start, piece
+                continue
+            if buffer is None or buffer.shape[0] < piece.shape[0]:
+                buffer = torch.empty((step, int(piece.shape[1])), dtype=dtype, device=device)
+            chunk = buffer[: piece.shape[0]]
+            chunk.copy_(piece)
             yield offset + start, chunk
         offset += int(part.shape[0])
+
+
+def _needs_conversion(part: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype) -> bool:
+    if isinstance(part, np.ndarray):
+        return device.type != "cpu" or part.dtype != (np.float64 if dtype == torch.float64 else np.float32)
+    return part.device != device or part.dtype != dtype
+
+
+def _check_finite(scores: torch.Tensor, offset: int) -> None:
+    """DataError if a score block holds NaN or infinity (one pass: a sum, NaN and inf propagate)."""
+    if math.isfinite(float(scores.sum())) or bool(torch.isfinite(scores).all()):
+        return  # (an overflowing sum of finite scores is checked element-wise)
+    raise DataError(
+        f"scores of database rows {offset}..{offset + scores.shape[1] - 1} are NaN or infinite; the "
+        "descriptors contain NaN/inf (check the extraction)"
+    )
 
 
 # ------------------------------------------------------------------------------------- torch
@@ -135,7 +176,7 @@ def iter_scores(
     dev = _device(device, queries, parts)
     dtype = _compute_dtype(queries, *parts)
     n_total = sum(int(p.shape[0]) for p in parts)
-    rows = _chunk_rows(n_total, int(queries.shape[0]), chunk_size)
+    rows = chunk_rows(n_total, int(queries.shape[0]), chunk_size)
     q = _to_tensor(queries, dev, dtype)
     bar = tqdm(total=n_total, unit="img", desc="scoring", disable=not _progress(progress, n_total))
     with torch.inference_mode(), bar:
@@ -169,6 +210,83 @@ def _block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return vals, idx
 
 
+class RunningTopK:
+    """The exact top k of every row over consecutive column blocks of scores.
+
+    Ordered by decreasing score, equal scores by increasing column (the tie rule). Once the lists
+    are full, a CPU block only needs a comparison with each row's k-th score: a later image must
+    score strictly higher to enter (an equal score has a larger index), and few do. On other
+    devices each block's own top k is merged in.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = int(k)
+        self.values: Any = None  # (n_rows, <= k): numpy on the CPU, else a tensor
+        self.indices: Any = None
+        self.seen = 0
+
+    @torch.inference_mode()
+    def update(self, block: torch.Tensor) -> None:
+        """Take in the scores ``(n_rows, c)`` of the next ``c`` columns."""
+        offset, self.seen = self.seen, self.seen + int(block.shape[1])
+        if block.shape[1] == 0:
+            return
+        full = self.values is not None and self.values.shape[1] == self.k
+        if block.device.type != "cpu" or not full:
+            v, i = _block_topk(block, min(self.k, int(block.shape[1])))
+            if block.device.type == "cpu":
+                self._merge(v.numpy(), i.numpy() + offset, None)
+            else:
+                self._merge_tensors(v, i + offset)
+            return
+        arr = block.numpy()
+        flat = np.flatnonzero(arr > self.values[:, -1:])
+        if flat.size == 0:
+            return
+        rows, cols = np.divmod(flat, arr.shape[1])
+        # candidates of each touched row, padded to one width (flatnonzero sorts them by row)
+        touched, starts, counts = np.unique(rows, return_index=True, return_counts=True)
+        slot = np.arange(flat.size) - np.repeat(starts, counts)
+        which = np.repeat(np.arange(touched.size), counts)
+        values = np.full((touched.size, int(counts.max())), -np.inf, dtype=arr.dtype)
+        indices = np.full(values.shape, -1, dtype=np.int64)
+        values[which, slot] = arr.reshape(-1)[flat]
+        indices[which, slot] = cols + offset
+        self._merge(values, indices, touched)
+
+    def _merge(self, v: np.ndarray, i: np.ndarray, rows: np.ndarray | None) -> None:
+        """Merge candidates (columns above those held, in increasing order within each row)."""
+        if self.values is None:
+            self.values, self.indices = v[:, : self.k], i[:, : self.k]
+            return
+        held_v = self.values if rows is None else self.values[rows]
+        held_i = self.indices if rows is None else self.indices[rows]
+        # held lists hold smaller indices and come first: a stable sort keeps the index order on ties
+        all_v, all_i = np.concatenate([held_v, v], 1), np.concatenate([held_i, i], 1)
+        order = np.argsort(-all_v, axis=1, kind="stable")[:, : self.k]
+        best_v, best_i = np.take_along_axis(all_v, order, 1), np.take_along_axis(all_i, order, 1)
+        if rows is None:
+            self.values, self.indices = best_v, best_i
+        else:
+            self.values[rows], self.indices[rows] = best_v, best_i
+
+    def _merge_tensors(self, v: torch.Tensor, i: torch.Tensor) -> None:
+        if self.values is None:
+            self.values, self.indices = v, i
+            return
+        merged, perm = torch.sort(torch.cat([self.values, v], 1), dim=1, descending=True, stable=True)
+        self.values = merged[:, : self.k]
+        self.indices = torch.cat([self.indices, i], 1).gather(1, perm)[:, : self.k]
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, indices)`` as numpy arrays ``(n_rows, min(k, columns seen))``, best first."""
+        if self.values is None:
+            raise DataError("no scores were given: there is nothing to rank")
+        if isinstance(self.values, torch.Tensor):
+            return self.values.cpu().numpy(), self.indices.cpu().numpy()
+        return self.values, self.indices
+
+
 def search(
     queries: Any,
     database: Any,
@@ -196,7 +314,7 @@ def search(
     qb = int(query_chunk_size) if query_chunk_size else max(1, min(nq, 4096))
     if qb < 1:
         raise ConfigError(f"query_chunk_size must be positive, got {query_chunk_size}")
-    rows = max(_chunk_rows(n_total, qb, chunk_size), 1)
+    rows = max(chunk_rows(n_total, qb, chunk_size), 1)
     out_scores = np.empty((nq, k), dtype=np.float32 if dtype == torch.float32 else np.float64)
     out_index = np.empty((nq, k), dtype=np.int64)
     n_steps = -(-nq // qb) * n_total
@@ -204,24 +322,13 @@ def search(
     with torch.inference_mode(), bar:
         for q0 in range(0, nq, qb):
             q = _to_tensor(queries[q0 : q0 + qb], dev, dtype)
-            best_v = torch.empty((q.shape[0], 0), device=dev, dtype=dtype)
-            best_i = torch.empty((q.shape[0], 0), device=dev, dtype=torch.int64)
+            best = RunningTopK(k)
             for offset, chunk in _iter_chunks(parts, rows, dev, dtype):
                 s = q @ chunk.T
-                lo, hi = torch.aminmax(s)  # NaN propagates
-                if not (math.isfinite(lo) and math.isfinite(hi)):
-                    raise DataError(
-                        f"scores of database rows {offset}..{offset + chunk.shape[0] - 1} are NaN or "
-                        "infinite; the descriptors contain NaN/inf (check the extraction)"
-                    )
-                v, i = _block_topk(s, min(k, s.shape[1]))
-                # running lists hold smaller indices: a stable sort keeps the index order on ties
-                best_v, perm = torch.sort(torch.cat([best_v, v], 1), dim=1, descending=True, stable=True)
-                best_i = torch.cat([best_i, i + offset], 1).gather(1, perm)
-                best_v, best_i = best_v[:, :k], best_i[:, :k]
+                _check_finite(s, offset)
+                best.update(s)
                 bar.update(int(chunk.shape[0]))
-            out_scores[q0 : q0 + qb] = best_v.cpu().numpy()
-            out_index[q0 : q0 + qb] = best_i.cpu().numpy()
+            out_scores[q0 : q0 + qb], out_index[q0 : q0 + qb] = best.result()
     return out_scores, out_index
 
 

@@ -1,0 +1,194 @@
+"""The fast paths against the plain definitions: rank counting, running top k, one-pass scoring, float16."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dtop.data.gnd import GroundTruth, load_gnd
+from dtop.retrieval import positions as positions_mod
+from dtop.retrieval import search as search_mod
+from dtop.retrieval.metrics import evaluate, evaluate_scores, positions_from_scores, score_and_search
+from dtop.retrieval.search import RunningTopK, iter_scores, search
+
+DATA = Path("/work/shared/data/revisitop")
+if not DATA.is_dir():
+    DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "revisitop"
+needs_data = pytest.mark.skipif(not (DATA / "gnd_roxford5k.pkl").is_file(), reason="no real ground truth")
+
+
+def stable_positions(scores: np.ndarray) -> np.ndarray:
+    """Position of every image in each row's ranking: the tie rule, made explicit."""
+    return np.argsort(np.argsort(-scores, axis=1, kind="stable"), axis=1, kind="stable")
+
+
+def grid_descriptors(n: int, dim: int, seed: int, levels: int = 1024) -> np.ndarray:
+    """L2-normalised rows rounded to multiples of 1/levels: exact float32 scores, frequent ties."""
+    x = np.random.default_rng(seed).standard_normal((n, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return (np.round(x * levels) / levels).astype(np.float32)
+
+
+def small_gnd(n_db: int, n_queries: int, seed: int) -> GroundTruth:
+    rng = np.random.default_rng(seed)
+    gnd = []
+    for q in range(n_queries):
+        chosen = rng.choice(n_db, size=int(rng.integers(0, 40)), replace=False).tolist()
+        a, b = len(chosen) // 3, 2 * len(chosen) // 3
+        if q == 0:  # a query without any image of interest
+            chosen, a, b = [], 0, 0
+        gnd.append({"bbx": None, "easy": chosen[:a], "hard": chosen[a:b], "junk": chosen[b:]})
+    return GroundTruth([f"db{i}" for i in range(n_db)], [f"q{i}" for i in range(n_queries)], gnd, "small")
+
+
+# ------------------------------------------------------------------------------ rank counting
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_queries=st.integers(1, 6),
+    n_images=st.integers(1, 300),
+    values=st.sampled_from([3, 10, 1000]),
+    threads=st.integers(1, 3),
+    piece=st.sampled_from([1, 7, 64, 1 << 16]),
+)
+def test_positions_equal_a_stable_sort(
+    seed: int, n_queries: int, n_images: int, values: int, threads: int, piece: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(-values, values, size=(n_queries, n_images)).astype(np.float32) / 8
+    interest = [rng.choice(n_images, size=int(rng.integers(0, n_images + 1)), replace=True) for _ in range(n_queries)]
+    cuts = np.sort(rng.integers(0, n_images + 1, size=int(rng.integers(0, 5))))
+    blocks = np.split(scores, cuts, axis=1)
+    expected = stable_positions(scores)
+    old_piece = positions_mod.ROW_PIECE
+    positions_mod.ROW_PIECE = piece  # several pieces per row: the hot path across pieces
+    try:
+        got = positions_from_scores(blocks, interest, threads=threads)
+    finally:
+        positions_mod.ROW_PIECE = old_piece
+    for q in range(n_queries):
+        assert got[q].tolist() == expected[q, np.unique(interest[q])].tolist()
+
+
+def test_positions_threads_agree_on_continuous_scores() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((9, 50_000)).astype(np.float32)
+    interest = [rng.choice(4000, 120, replace=False) for _ in range(9)]
+    one = positions_from_scores(scores, interest, threads=1)
+    two = positions_from_scores(scores, interest, threads=2)
+    expected = stable_positions(scores)
+    for q in range(9):
+        assert one[q].tolist() == two[q].tolist() == expected[q, np.unique(interest[q])].tolist()
+
+
+def test_positions_float64_neighbours() -> None:
+    # equal-looking float64 values a float32 comparison would tie: counted in float64
+    base = 0.3
+    scores = np.array([[base, np.nextafter(base, 1), np.nextafter(base, 0), base]], dtype=np.float64)
+    assert positions_from_scores(scores, [[0, 1, 2, 3]])[0].tolist() == [1, 0, 3, 2]
+
+
+# ------------------------------------------------------------------------------- running top k
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_rows=st.integers(1, 5),
+    n_cols=st.integers(1, 400),
+    k=st.integers(1, 450),
+    values=st.sampled_from([2, 20, 10_000]),
+)
+def test_running_topk_equals_a_stable_sort(seed: int, n_rows: int, n_cols: int, k: int, values: int) -> None:
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(-values, values, size=(n_rows, n_cols)).astype(np.float32)
+    cuts = np.sort(rng.integers(0, n_cols + 1, size=int(rng.integers(0, 6))))
+    best = RunningTopK(k)
+    for block in np.split(scores, cuts, axis=1):
+        best.update(torch.from_numpy(block))
+    values_out, indices = best.result()
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(indices, order)
+    np.testing.assert_array_equal(values_out, np.take_along_axis(scores, order, 1))
+
+
+def test_search_on_many_blocks_with_ties() -> None:
+    q = grid_descriptors(40, 16, 1, levels=4)
+    x = grid_descriptors(5000, 16, 2, levels=4)  # scores take few values: ties everywhere
+    s = q.astype(np.float64) @ x.astype(np.float64).T
+    for chunk_size, k in ((37, 5), (512, 100), (5000, 1)):
+        _, idx = search(q, x, k, chunk_size=chunk_size)
+        np.testing.assert_array_equal(idx, np.argsort(-s, axis=1, kind="stable")[:, :k])
+
+
+# ------------------------------------------------------------------------------ one-pass path
+
+
+@pytest.mark.parametrize("chunk_size", [97, 1000, None])
+def test_score_and_search_equals_the_two_passes(chunk_size: int | None) -> None:
+    gnd = small_gnd(600, 12, 3)
+    q = grid_descriptors(12, 24, 4, levels=8)
+    x = grid_descriptors(2600, 24, 5, levels=8)  # database + distractors, many equal scores
+    results, top = score_and_search(q, [x[:600], x[600:]], gnd, topk=50, chunk_size=chunk_size)
+    assert results == evaluate_scores(iter_scores(q, x), gnd)
+    np.testing.assert_array_equal(top, search(q, x, 50)[1])
+    ranks = np.argsort(-(q.astype(np.float64) @ x.astype(np.float64).T), axis=1, kind="stable").T
+    assert results == evaluate(ranks, gnd)
+    np.testing.assert_array_equal(top, ranks[:50].T)
+
+
+def test_score_and_search_topk_larger_than_the_database() -> None:
+    gnd = small_gnd(30, 4, 6)
+    q, x = grid_descriptors(4, 8, 7), grid_descriptors(30, 8, 8)
+    _, top = score_and_search(q, x, gnd, topk=100)
+    assert top.shape == (4, 30)
+
+
+@needs_data
+def test_score_and_search_real_ground_truth() -> None:
+    gnd = load_gnd(DATA / "gnd_roxford5k.pkl")
+    q = grid_descriptors(gnd.n_queries, 32, 1)
+    x = grid_descriptors(gnd.n_database + 3000, 32, 2)
+    for i, g in enumerate(gnd.gnd):  # easy images near their query
+        x[g["easy"]] = np.round((x[g["easy"]] + q[i]) * 256) / 256
+    results, top = score_and_search(q, x, gnd, topk=100)
+    ranks = np.argsort(-(q.astype(np.float64) @ x.astype(np.float64).T), axis=1, kind="stable").T
+    assert results == evaluate(ranks, gnd)
+    assert results["easy"]["map"] > 0.2
+    np.testing.assert_array_equal(top, ranks[:100].T)
+
+
+# ------------------------------------------------------------------------------------ float16
+
+
+def test_float16_chunks_are_converted_into_one_reused_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(search_mod, "CONVERT_BUDGET", 64 * 10)  # 10 rows of dimension 64
+    x = grid_descriptors(95, 64, 0).astype(np.float16)
+    chunks = list(search_mod._iter_chunks([x], 1000, torch.device("cpu"), torch.float32))
+    assert [offset for offset, _ in chunks] == list(range(0, 95, 10))
+    assert len({chunk.data_ptr() for _, chunk in chunks}) == 1  # one buffer, never the whole matrix
+    assert all(chunk.dtype == torch.float32 for _, chunk in chunks)
+    # float32 numpy needs no copy at all: the chunks are views of the store
+    x32 = x.astype(np.float32)
+    first = next(search_mod._iter_chunks([x32], 40, torch.device("cpu"), torch.float32))[1]
+    assert first.data_ptr() == x32.ctypes.data
+
+
+def test_float16_store_equals_its_float32_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(search_mod, "CONVERT_BUDGET", 24 * 100)
+    gnd = small_gnd(500, 8, 9)
+    q = np.random.default_rng(1).standard_normal((8, 24)).astype(np.float32)
+    x16 = np.random.default_rng(2).standard_normal((1500, 24)).astype(np.float16)
+    x32 = x16.astype(np.float32)  # the same values: float16 -> float32 is exact
+    r16, top16 = score_and_search(q, x16, gnd, topk=20)
+    r32, top32 = score_and_search(q, x32, gnd, topk=20)
+    assert r16 == r32
+    np.testing.assert_array_equal(top16, top32)
+    np.testing.assert_array_equal(search(q, torch.from_numpy(x16), 20)[1], top32)
