@@ -24,3 +24,7 @@ class PretrainedWeightsUnavailable(DtopError):
 
 class DataError(DtopError):
     """A dataset, ground-truth file or image is missing or unreadable."""
+
+
+class TrainingError(DtopError):
+    """Training cannot go on: the loss or the weights are not finite, or no step could be made."""

@@ -65,7 +65,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 5.0, device: str = 
         cfg = _train_config(head, train_dir, run_dir, share, device, epochs, max_steps)
         cfg.data.num_workers = workers
         print(f"[demo] training {config_name} for up to {share:.1f} min", flush=True)
-        summary = train(cfg)
+        summary = train(cfg, overwrite=True)  # a demo run again into the same --out starts over
         print(f"[demo]   {summary['steps']} steps, {summary['epochs']} epochs", flush=True)
         label = f"{config_name} (trained)"
         models.append((label, str(run_dir / "last.safetensors"), load_model(run_dir / "last.safetensors")))

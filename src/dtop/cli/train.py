@@ -12,7 +12,7 @@ def run(args: argparse.Namespace) -> int:
     from dtop.engine.train_config import load_train_config
 
     config = load_train_config(args.config, list(args.overrides or []))
-    summary = train(config, resume=args.resume)
+    summary = train(config, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -28,4 +28,6 @@ def register(subparsers) -> None:
     p.add_argument("--config", required=True, help="training config YAML")
     p.add_argument("overrides", nargs="*", help="overrides section.key=value")
     p.add_argument("--resume", action="store_true", help="continue the run in run.out from its state.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a run.out that holds one (its checkpoints and metrics are replaced)")
     p.set_defaults(func=run)

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import math
+import shlex
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,7 +28,7 @@ from dtop.engine.runtime import amp_dtype, autocast_context, init_distributed, r
 from dtop.engine.seeding import SeededItems, rng_state, seed_everything, set_rng_state
 from dtop.engine.settings import ExtractSettings
 from dtop.engine.train_config import TrainConfig, resolved_subcenters
-from dtop.errors import CheckpointError, ConfigError
+from dtop.errors import CheckpointError, ConfigError, TrainingError
 from dtop.models import build_model, save_checkpoint
 from dtop.models.base import RetrievalModel
 from dtop.utils.io import atomic_path, write_text
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
     BatchSampler = GroupSizeBatchSampler | FixedSizeBatchSampler | TupleBatchSampler
 
 STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.jsonl"
+#: The files of a run folder that a new run (without resume) would replace.
+RUN_FILES = (STATE_FILE, METRICS_FILE, "last.safetensors", "best.safetensors")
 
 
 # ---------------------------------------------------------------------------------------- pieces
@@ -69,7 +73,7 @@ class TrainModule(nn.Module):
 def param_groups(
     model: RetrievalModel, loss: nn.Module, lr: float, backbone_mult: float, weight_decay: float
 ) -> list[dict[str, Any]]:
-    """AdamW groups: backbone (stem, encoder) at ``lr × backbone_mult``; locality, head and loss at ``lr``.
+    """AdamW groups: pretrained parts (``model.from_pretrained``) at ``lr × backbone_mult``, the rest at ``lr``.
 
     Biases, norms, GeM ``p`` and other 1-D parameters get no weight decay.
     """
@@ -77,8 +81,7 @@ def param_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        part = model.part_of(name)
-        slow = part in ("stem", "encoder")
+        slow = model.from_pretrained(name)  # pretrained parts learn slower; new layers at the full rate
         groups.setdefault((("backbone" if slow else "head"), param.ndim > 1), []).append(param)
     for param in loss.parameters():
         groups.setdefault(("head", True), []).append(param)
@@ -160,11 +163,16 @@ def build_tuple_sampler(config: TrainConfig, training_set: TrainingSet, rank: in
 class Trainer:
     """Runs one training job described by a :class:`TrainConfig` (see docs/engine.md)."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False):
+    def __init__(self, config: TrainConfig, resume: bool = False, overwrite: bool = False):
         self.config = config
         self.out = Path(config.run.out)
+        if not resume:
+            self._check_new_run(overwrite)
         runtime = init_distributed(config.run.device)
         self.rank, self.world, self.device = runtime.rank, runtime.world, runtime.device
+        if not resume and overwrite and self.rank == 0:
+            for name in RUN_FILES:
+                (self.out / name).unlink(missing_ok=True)
         seed_everything(config.run.seed)
         self.training_set = build_training_set(config)
         self._build_model_and_loss()
@@ -229,6 +237,16 @@ class Trainer:
             raise ConfigError("run.tensorboard needs the tensorboard package: pip install tensorboard") from err
         return SummaryWriter(str(self.out / "tensorboard"))
 
+    def _check_new_run(self, overwrite: bool) -> None:
+        """Refuse to start a new run over a previous one (its checkpoints and metrics), unless ``overwrite``."""
+        found = [name for name in RUN_FILES if (self.out / name).exists()]
+        if not found or overwrite:
+            return
+        raise ConfigError(
+            f"run.out={self.out} already holds a training run ({', '.join(found)}): add --resume to continue it, "
+            "--overwrite to start over (its files are replaced), or set run.out to a new folder"
+        )
+
     # ---------------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
@@ -244,10 +262,17 @@ class Trainer:
             "best": self.best, "skipped": self.skipped,
             "rng": rng_state(),
             "config": json.dumps(_plain(asdict(self.config))),
+            # metrics.jsonl up to this state: a resume cuts off what was logged after it (logged again)
+            "metrics_bytes": self._metrics_size(),
         }
+
+    def _metrics_size(self) -> int:
+        path = self.out / METRICS_FILE
+        return path.stat().st_size if path.is_file() else 0
 
     def save(self) -> None:
         """Write ``last.safetensors`` and ``state.pt`` atomically (rank 0)."""
+        self._check_finite_weights()
         if self.rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -277,13 +302,15 @@ class Trainer:
         self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
         self.best, self.skipped = state["best"], state["skipped"]
         set_rng_state(state["rng"])
+        if self.rank == 0:
+            truncate_metrics(self.out / METRICS_FILE, state.get("metrics_bytes"), self.step)
 
     # ---------------------------------------------------------------------------------- loop
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.rank != 0:
             return
-        with open(self.out / "metrics.jsonl", "a") as f:
+        with open(self.out / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():
@@ -356,21 +383,71 @@ class Trainer:
             ctx = self.ddp.no_sync()  # accumulate locally; the sync step all-reduces
         with ctx, autocast_context(self.device, self.amp):
             loss = self.ddp(images, labels) / self.config.optim.accum_steps
+        value = float(loss.detach())
+        self._check_finite("the loss", value)
         self.scaler.scale(loss).backward()
         self._images_seen += images.shape[0]
-        return float(loss.detach())
+        return value
 
     def _optimizer_step(self) -> None:
         """Clip, step the optimiser and the schedule, count the step."""
         clip = self.config.optim.grad_clip
         if clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+            if not self.scaler.is_enabled():  # fp16: the scaler skips steps with inf gradients by design
+                self._check_finite("the gradient norm", float(norm))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
+
+    def _check_finite(self, what: str, value: float) -> None:
+        """Stop, on every rank at once, when ``value`` (of the step being made) is not finite."""
+        bad = not math.isfinite(value)
+        if self.world > 1:  # one rank stopping alone would leave the others waiting in the all-reduce
+            flag = torch.tensor([float(bad)], device=self.device)
+            torch.distributed.all_reduce(flag)
+            bad = bool(flag.item())
+        if bad:
+            raise TrainingError(
+                f"{what} is not finite ({value}) at step {self.step + 1} (epoch {self.epoch}); training stopped "
+                f"before changing the weights. {self._diverged_hint()}"
+            )
+
+    def _check_finite_weights(self) -> None:
+        """Never save NaN or infinite weights: stop naming the step instead."""
+        if all(bool(torch.isfinite(p).all()) for p in self.module.parameters()):
+            return
+        raise TrainingError(f"the weights are not finite after step {self.step} (epoch {self.epoch}); nothing was "
+                            f"saved over {self.out / 'last.safetensors'}. {self._diverged_hint()}")
+
+    def _diverged_hint(self) -> str:
+        o = self.config.optim
+        saved = (f"the last save ({self.out / 'last.safetensors'}) can be resumed with --resume after the change"
+                 if (self.out / STATE_FILE).is_file() else "no checkpoint was saved yet")
+        return (f"Lower optim.lr (now {o.lr:g}){' or use optim.amp=bf16' if o.amp == 'fp16' else ''}, or check "
+                f"the training data; {saved}.")
+
+    def _check_progress(self) -> None:
+        """A finished epoch without a single optimiser step is an error (not an untrained checkpoint)."""
+        if self.step > 0:
+            return
+        d, o = self.config.data, self.config.optim
+        n = len(self.training_set.paths)
+        if self.skipped:
+            command = ["dtop", "data", "check", d.root, "--format", d.format]
+            if d.csv:
+                command += ["--csv", d.csv]
+            if d.exclude:
+                command += ["--exclude", d.exclude]
+            reason = (f"{self.skipped} image(s) of {n} were unreadable and no batch was left; find them with "
+                      f"`{shlex.join(command)}`")
+        else:
+            reason = (f"an epoch of {n} images gives {len(self.sampler)} batch(es) of optim.batch_size={o.batch_size}"
+                      f", fewer than optim.accum_steps={o.accum_steps}; lower optim.batch_size or optim.accum_steps")
+        raise TrainingError(f"training made no optimiser step in epoch {self.epoch}: {reason}. Nothing was saved.")
 
     def _log_step(self, loss: float, bar: tqdm) -> None:
         """Record loss, learning rate and throughput since the last record."""
@@ -383,6 +460,7 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         """Move to the next epoch; validate when due; save."""
+        self._check_progress()
         self.epoch += 1
         self.batches_done = 0
         self.sampler.set_epoch(self.epoch)
@@ -394,6 +472,7 @@ class Trainer:
     def _finish(self, start: float) -> dict[str, Any]:
         """Save (and validate a run that never did), log and return the summary."""
         c = self.config
+        self._check_progress()
         self.save()
         if c.val.dataset and self.best is None:
             self.validate()
@@ -456,6 +535,7 @@ class Trainer:
 
     def validate(self) -> float | None:
         """Revisited evaluation (rank 0, in memory); keeps ``best.safetensors``. Returns mean of M/H mAP."""
+        self._check_finite_weights()
         value = self._validation_map() if self.rank == 0 else None
         if value is not None and (self.best is None or value > self.best):
             self.best = value
@@ -509,6 +589,33 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train a model as ``config`` says (see :class:`Trainer`); returns a summary."""
-    return Trainer(config, resume=resume).train()
+def truncate_metrics(path: Path, size: int | None, step: int) -> None:
+    """Cut ``metrics.jsonl`` back to what was logged up to the resumed state (``size`` bytes).
+
+    A state written before the size was recorded: keep the records of steps up to ``step`` (an
+    ``end`` record or a cut-off last line goes too).
+    """
+    if not path.is_file():
+        return
+    if size is not None:
+        if path.stat().st_size > size:
+            with open(path, "r+b") as f:
+                f.truncate(size)
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("event") != "end" and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    write_text(path, "".join(kept))
+
+
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Train a model as ``config`` says (see :class:`Trainer`); returns a summary.
+
+    Without ``resume``, a ``run.out`` that holds a previous run is refused unless ``overwrite``.
+    """
+    return Trainer(config, resume=resume, overwrite=overwrite).train()
