@@ -73,7 +73,7 @@ class TrainModule(nn.Module):
 def param_groups(
     model: RetrievalModel, loss: nn.Module, lr: float, backbone_mult: float, weight_decay: float
 ) -> list[dict[str, Any]]:
-    """AdamW groups: pretrained parts (``model.from_pretrained``) at ``lr × backbone_mult``, the rest at ``lr``.
+    """AdamW groups: backbone (stem, encoder) at ``lr × backbone_mult``; locality, head and loss at ``lr``.
 
     Biases, norms, GeM ``p`` and other 1-D parameters get no weight decay.
     """
@@ -81,7 +81,8 @@ def param_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        slow = model.from_pretrained(name)  # pretrained parts learn slower; new layers at the full rate
+        part = model.part_of(name)
+        slow = part in ("stem", "encoder")
         groups.setdefault((("backbone" if slow else "head"), param.ndim > 1), []).append(param)
     for param in loss.parameters():
         groups.setdefault(("head", True), []).append(param)
