@@ -23,10 +23,10 @@ from dtop.engine.extract import extract_to_store
 from dtop.engine.settings import ExtractSettings
 from dtop.models.base import WHITENING_EXTRA, RetrievalModel
 from dtop.models.identity import model_fingerprint
-from dtop.retrieval.metrics import PROTOCOLS, evaluate_scores
+from dtop.retrieval.metrics import PROTOCOLS, score_and_search
 from dtop.retrieval.postprocess import Diffusion, PostProcessing, Whiten, Whitening
 from dtop.retrieval.rerank import evaluate_reranked
-from dtop.retrieval.search import iter_scores, search, to_ranks
+from dtop.retrieval.search import to_ranks
 from dtop.utils.io import atomic_path, write_json, write_text
 
 R1M_TAG = "+1m"
@@ -96,8 +96,7 @@ def evaluate_model(
             db = [full]
             described, transductive = pp.describe(), pp.transductive
         if pp is None or pp.reranker is None:
-            results[variant] = evaluate_scores(iter_scores(q, db), dataset.gnd)
-            _, indices = search(q, db, topk=topk)
+            results[variant], indices = score_and_search(q, db, dataset.gnd, topk=topk)  # one pass
         else:  # each list: its re-ranked top, then the rest in plain order
             results[variant], indices = evaluate_reranked(q, db[0], dataset.gnd, pp.reranker, topk)
         ranks[variant] = to_ranks(indices)
