@@ -5,14 +5,13 @@ The generators live in :mod:`hostile` (import them with ``from .hostile import .
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from .hostile import COMMANDS, TRIED, Corpus, make_corpus
+from .hostile import COMMANDS, TRIED, CliResult, Corpus, make_corpus, run_dtop
 
 
 @pytest.fixture
@@ -48,38 +47,10 @@ def deny_access(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], None]:
     return lambda path: denied.add(os.path.abspath(path))
 
 
-@dataclasses.dataclass
-class CliResult:
-    """Exit status and output of one ``dtop`` run."""
-
-    code: int
-    out: str
-    err: str
-
-    @property
-    def error_lines(self) -> list[str]:
-        """The ``dtop …: error:`` lines of stderr."""
-        return [line for line in self.err.splitlines() if ": error: " in line]
-
-
 @pytest.fixture
-def run_cli(capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[..., CliResult]]:
-    """``run_cli(*argv)``: run ``dtop argv`` in-process; asserts that no traceback reached stderr."""
-    from dtop.cli.main import main
-
-    def run(*argv: str | os.PathLike) -> CliResult:
-        args = [os.fspath(a) for a in argv]
-        COMMANDS[" ".join(["dtop", *[a for a in args[:2] if not a.startswith("-")]][:3])] += 1
-        capsys.readouterr()
-        try:
-            code = main(args)
-        except SystemExit as exit_:  # argparse errors
-            code = int(exit_.code or 0)
-        out, err = capsys.readouterr()
-        assert "Traceback" not in err, err
-        return CliResult(code, out, err)
-
-    yield run
+def run_cli() -> Callable[..., CliResult]:
+    """``run_cli(*argv)``: run ``dtop argv`` in-process (see :func:`hostile.run_dtop`)."""
+    return run_dtop
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: ignore[no-untyped-def]

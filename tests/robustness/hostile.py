@@ -8,6 +8,7 @@ Every test counts what it tried in :data:`TRIED` and :data:`COMMANDS` (printed a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -201,5 +202,38 @@ def make_corpus(root: Path, *, n_good: int = 3, broken: int | None = 12, odd_nam
     return corpus
 
 
+@dataclasses.dataclass
+class CliResult:
+    """Exit status and output of one ``dtop`` run."""
+
+    code: int
+    out: str
+    err: str
+
+    @property
+    def error_lines(self) -> list[str]:
+        """The ``dtop …: error:`` lines of stderr."""
+        return [line for line in self.err.splitlines() if ": error: " in line]
+
+
+def run_dtop(*argv: str | os.PathLike[str]) -> CliResult:
+    """Run ``dtop argv`` in-process, its output written as to a terminal (UTF-8, strict on stdout, so
+    printing a name that is not UTF-8 fails as it would); asserts that no traceback reached stderr."""
+    from dtop.cli.main import main
+
+    args = [os.fspath(a) for a in argv]
+    COMMANDS[" ".join(["dtop", *[a for a in args[:2] if not a.startswith("-")]][:3])] += 1
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
+    err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace", write_through=True)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(args)
+        except SystemExit as exit_:  # argparse errors
+            code = int(exit_.code or 0)
+    result = CliResult(code, out.buffer.getvalue().decode(), err.buffer.getvalue().decode())  # type: ignore[attr-defined]
+    assert "Traceback" not in result.err, result.err
+    return result
+
+
 __all__ = ["FORMATS", "CORRUPTIONS", "TRIED", "COMMANDS", "IS_ROOT", "Broken", "Corpus", "broken_images",
-           "make_corpus", "texture", "encode", "fs_accepts"]
+           "make_corpus", "texture", "encode", "fs_accepts", "CliResult", "run_dtop"]

@@ -183,7 +183,7 @@ class ImageIndex:
     def _differences(self, model: RetrievalModel, settings: ExtractSettings, engine: str, factory: str | None
                      ) -> list[str]:
         diffs = []
-        stored = self.meta["settings"]
+        stored = {**dataclasses.asdict(ExtractSettings()), **self.meta["settings"]}  # newer keys: their defaults
         for key, value in json.loads(json.dumps(dataclasses.asdict(settings))).items():
             if stored.get(key) != value:
                 diffs.append(f"{key}: index has {stored.get(key)!r}, requested {value!r}")
@@ -203,7 +203,7 @@ class ImageIndex:
     @property
     def settings(self) -> ExtractSettings:
         """The extraction settings of the index (used for its images and for queries)."""
-        return ExtractSettings(**self.meta["settings"])
+        return ExtractSettings(**self.meta["settings"])  # checked when index.json was read
 
     @property
     def engine(self) -> str:
@@ -307,6 +307,13 @@ class ImageIndex:
                 num_workers=num_workers, device=device, amp=amp, skip_bad=True, shard_size=shard_size,
                 progress=progress,
             )
+            if not store.is_complete():  # every image must have a descriptor or a recorded failure
+                missing = store.missing_shards()
+                raise DataError(
+                    f"the extraction of segment {seg_id} ended with {len(missing)} of {store.num_shards} shard(s) "
+                    f"unwritten; nothing was added to {self.root}. Run `dtop index add --index {self.root} "
+                    "--images ...` again to resume"
+                )
             if store.descriptor_dim is not None:
                 store.load(numpy=True, mmap=True)  # consolidate now: committed segments are never written again
             failures = store.failures()
@@ -413,7 +420,7 @@ class ImageIndex:
             if search_params:
                 raise ConfigError("search parameters apply to faiss indexes only; with post-processing the search "
                                   "is exact (torch)")
-            database = torch.cat([torch.as_tensor(np.asarray(p, dtype=np.float32)) for p in db.parts])
+            database = torch.cat([torch.as_tensor(np.asarray(p)) for p in db.parts])  # float16 stays float16
             q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
             return post.search(q, database, topk, device=resolve_device(device) if device else None)
         if self.engine == "faiss" and not exact:

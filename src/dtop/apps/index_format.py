@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from dtop.engine.settings import ExtractSettings
 from dtop.errors import ConfigError, DataError
 from dtop.utils.io import read_versioned_json
 
@@ -95,8 +96,59 @@ def read_index_meta(root: Path) -> dict[str, Any]:
     if not path.is_file():
         what = " (it is a descriptor store made by `dtop extract`)" if (root / "manifest.json").is_file() else ""
         raise DataError(f"{root} is not a dtop image index: it has no {INDEX_FILE}{what}; {build_hint}")
-    return read_versioned_json(
+    meta = read_versioned_json(
         path, fmt=FORMAT, version=FORMAT_VERSION, required=REQUIRED_KEYS, kind="image index",
         damaged="the index is damaged, rebuild it", foreign=f"; {build_hint}",
         outdated="Rebuild it with `dtop index build ... --overwrite`.",
     )
+    problem = index_meta_problem(meta)
+    if problem:
+        raise DataError(f"{path}: {problem} (the file was edited or damaged); rebuild the index with "
+                        "`dtop index build ... --overwrite`")
+    return meta
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def index_meta_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with the types and values of an ``index.json`` (None: usable).
+
+    Segment folders must be exactly ``segments/NNN`` of their ids, so an edited ``dir`` can never
+    point outside the index.
+    """
+    model, search, settings = meta.get("model"), meta.get("search"), meta.get("settings")
+    if not _is_int(meta.get("generation")):
+        return f"generation must be a non-negative integer, got {meta.get('generation')!r}"
+    if not isinstance(settings, dict):
+        return f"settings must be an object, got {settings!r}"
+    try:
+        ExtractSettings(**settings)
+    except (TypeError, ConfigError) as err:
+        return f"settings are not valid extraction settings ({err})"
+    if not isinstance(model, dict) or not isinstance(model.get("fingerprint"), str) or not _is_int(
+            model.get("descriptor_dim"), 1):
+        return "model must be an object with a fingerprint (string) and descriptor_dim (positive integer)"
+    if not isinstance(search, dict) or search.get("engine") not in ENGINES:
+        return f"search.engine must be one of {', '.join(ENGINES)}"
+    if not isinstance(search.get("factory"), str | None) or not isinstance(search.get("search_params"), str | None):
+        return "search.factory and search.search_params must be strings or null"
+    file = search.get("file")
+    if file is not None and not (isinstance(file, str) and FAISS_FILE_RE.match(file)):
+        return f"search.file must be a faiss-NNNN.index file of the index or null, got {file!r}"
+    segments = meta.get("segments")
+    if not isinstance(segments, list):
+        return "segments must be a list"
+    ids = []
+    for seg in segments:
+        if not isinstance(seg, dict) or not _is_int(seg.get("id")):
+            return f"each segment must be an object with a non-negative integer id, got {seg!r}"
+        if seg.get("dir") != segment_dir(seg["id"]):
+            return f"segment {seg['id']} must be in {segment_dir(seg['id'])!r}, got {seg.get('dir')!r}"
+        if not _is_int(seg.get("num_images")) or not _is_int(seg.get("num_failed", 0)):
+            return f"segment {seg['id']}: num_images and num_failed must be non-negative integers"
+        ids.append(seg["id"])
+    if ids != sorted(set(ids)):
+        return f"segment ids must be unique and ascending, got {ids}"
+    return None

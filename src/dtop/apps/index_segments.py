@@ -74,11 +74,15 @@ def known_files(root: Path, segments: Sequence[dict[str, Any]]) -> dict[str, tup
     for seg in segments:
         path = root / seg["dir"] / FILES_FILE
         try:
-            doc = json.loads(path.read_text())
+            doc = json.loads(path.read_bytes())
             rows = zip(doc["paths"], doc["size"], doc["mtime_ns"], strict=True)
-            known.update({p: (int(s), int(m)) for p, s, m in rows})
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise DataError(f"{path} is missing or damaged ({err}); the index is damaged, rebuild it") from err
+            found = {p: (int(s), int(m)) for p, s, m in rows}
+            if not all(isinstance(p, str) for p in found):
+                raise TypeError("paths must be strings")
+            known.update(found)
+        except (OSError, KeyError, TypeError, ValueError) as err:  # also not JSON, or not an object
+            raise DataError(f"{path} is missing or damaged ({err}); the index is damaged, rebuild it with "
+                            "`dtop index build ... --overwrite`") from err
     return known
 
 
@@ -166,9 +170,8 @@ def build_faiss(db: Searchable, factory: str, search_params: str | None) -> Fais
     dim = int(db.parts[0].shape[1])
     index = FaissIndex(dim, factory=factory, search_params=search_params)
     if not index.index.is_trained:
-        data = np.concatenate([np.asarray(p, dtype=np.float32) for p in db.parts])
         try:
-            index.train(data)
+            index.train(db.parts)  # a bounded sample, converted to float32 part by part
         except RuntimeError as err:
             raise ConfigError(
                 f"faiss cannot train '{factory}' on the {len(db.paths)} images of the index ({str(err).strip()}); "

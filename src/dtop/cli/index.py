@@ -11,11 +11,25 @@ from typing import TYPE_CHECKING, Any, get_args
 from dtop.apps.index_format import ENGINES
 from dtop.cli.common import add_extraction_args, add_model_args, load_cli_model, settings_from_args
 from dtop.engine.settings import Amp
+from dtop.errors import ConfigError
+from dtop.utils.paths import show_path
 
 if TYPE_CHECKING:
     from dtop.apps.index import AddReport, ImageIndex
+    from dtop.data.folders import ImageList
 
 MAX_LISTED_FAILURES = 10
+#: Ranges of the runtime options (a batch of 4096 images at 1024 px already needs ~40 GB).
+RUNTIME_RANGES: dict[str, tuple[int, int]] = {"batch_size": (1, 4096), "workers": (0, 256), "shard_size": (1, 10**7)}
+
+
+def check_runtime_args(args: argparse.Namespace) -> None:
+    """Refuse a runtime option out of :data:`RUNTIME_RANGES` before any work is done."""
+    for key, (low, high) in RUNTIME_RANGES.items():
+        value = getattr(args, key, None)
+        if value is not None and not low <= value <= high:
+            option = "--" + key.replace("_", "-")
+            raise ConfigError(f"{option} must be an integer from {low} to {high}, got {value}")
 
 
 def add_runtime_args(p: argparse.ArgumentParser, workers: int | None = None, shard_size: bool = True) -> None:
@@ -34,11 +48,24 @@ def add_runtime_args(p: argparse.ArgumentParser, workers: int | None = None, sha
 
 
 def display_path(path: str | os.PathLike) -> str:
-    """``path`` relative to the working directory when it lies below it, else as given."""
+    """``path`` relative to the working directory when it lies below it, else as given; on one printable
+    line (a name with a line break or bytes that are not UTF-8 is shown escaped)."""
     try:
-        return str(Path(path).relative_to(Path.cwd()))
+        return show_path(Path(path).relative_to(Path.cwd()))
     except ValueError:
-        return str(path)
+        return show_path(path)
+
+
+def print_listed(source: str | os.PathLike, images: ImageList) -> None:
+    """Print what a folder listing skipped (unreadable folders, dangling or looping links, FIFOs)."""
+    if not images.skipped:
+        return
+    print(f"{display_path(source)}: {len(images.skipped)} entr{'y' if len(images.skipped) == 1 else 'ies'} "
+          "skipped while listing:")
+    for item in images.skipped[:MAX_LISTED_FAILURES]:
+        print(f"  {display_path(item.path)}: {item.reason}")
+    if len(images.skipped) > MAX_LISTED_FAILURES:
+        print(f"  … and {len(images.skipped) - MAX_LISTED_FAILURES} more")
 
 
 def _add_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -86,10 +113,13 @@ def run_build(args: argparse.Namespace) -> int:
     from dtop.apps.index import ImageIndex
     from dtop.data.folders import read_image_list
 
+    check_runtime_args(args)
+    settings = settings_from_args(args)
     paths = read_image_list(args.images)
+    print_listed(args.images, paths)
     model = load_cli_model(args)
     source = " ".join([str(args.model), *(args.overrides or [])])
-    index = ImageIndex.create(args.out, model, settings_from_args(args), source=source, engine=args.engine,
+    index = ImageIndex.create(args.out, model, settings, source=source, engine=args.engine,
                               factory=args.factory, search_params=args.search_params, overwrite=args.overwrite)
     if index.reopened:
         print(f"{display_path(args.out)} is already an index of this model and settings: adding new images only")
@@ -103,8 +133,10 @@ def run_add(args: argparse.Namespace) -> int:
     from dtop.apps.index import ImageIndex
     from dtop.data.folders import read_image_list
 
+    check_runtime_args(args)
     index = ImageIndex.open(args.index)
     paths = read_image_list(args.images)
+    print_listed(args.images, paths)
     report = index.add(paths, **_add_kwargs(args))
     print_add_report(index, report)
     return 0

@@ -40,6 +40,10 @@ RESAMPLE = Image.Resampling.BICUBIC
 MULTIPLE = 16
 """Both sides of a model input are multiples of this (the ViT patch size), so the model never pads."""
 
+MAX_SIDE = 16384
+"""Largest longer side of a model input (already 800 MB as uint8 RGB); larger requests are refused, not
+attempted (an image size of 100000 used to grow until the process was killed)."""
+
 DRAFT_MARGIN: float = 2.0
 """With ``draft_long_side``, a JPEG is decoded at a reduced DCT scale only while its longer side
 stays at least this factor above the final size, so the final antialiased resize still dominates."""
@@ -256,6 +260,9 @@ def target_size(width: int, height: int, long_side: float, multiple: int = MULTI
         raise DataError(f"cannot resize an empty image ({width}x{height})")
     if not (long_side > 0 and math.isfinite(long_side)):
         raise DataError(f"long_side must be a positive number, got {long_side!r}")
+    if long_side > MAX_SIDE:
+        raise DataError(f"a model input of {long_side:.0f} pixels is larger than {MAX_SIDE}; use a smaller image size "
+                        "or scale")
     if multiple < 1:
         raise DataError(f"multiple must be a positive integer, got {multiple!r}")
     target_long = max(1, math.floor(long_side + 0.5))

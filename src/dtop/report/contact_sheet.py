@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 from dtop.errors import ConfigError
 from dtop.report.thumbnails import ThumbnailCache
 from dtop.utils.io import atomic_path
+from dtop.utils.paths import show_path
 
 PAD = 8
 """Margin around and between tiles."""
@@ -26,6 +27,9 @@ TILE_BACKGROUND = (235, 235, 235)
 QUERY_FRAME = (40, 90, 220)
 TEXT = (20, 20, 20)
 MIN_THUMB = 32
+MAX_THUMB = 1024
+MAX_SHEET_PIXELS = 200_000_000
+"""Largest sheet (width × height; 600 MB of RGB): more queries or results than that need several sheets."""
 
 
 def sheet_size(n_rows: int, n_cols: int, thumb: int = 160) -> tuple[int, int]:
@@ -34,6 +38,20 @@ def sheet_size(n_rows: int, n_cols: int, thumb: int = 160) -> tuple[int, int]:
     width = PAD + n_cols * (thumb + PAD) + separator
     height = PAD + n_rows * (thumb + CAPTION_HEIGHT + PAD)
     return width, height
+
+
+def check_sheet(n_rows: int, n_cols: int, thumb: int) -> None:
+    """Refuse a thumbnail size outside ``MIN_THUMB..MAX_THUMB`` or a sheet over :data:`MAX_SHEET_PIXELS`
+    (call it before the work that produces the results)."""
+    if not MIN_THUMB <= int(thumb) <= MAX_THUMB:
+        raise ConfigError(f"the thumbnail size must be {MIN_THUMB} to {MAX_THUMB} pixels, got {thumb} (--thumb)")
+    width, height = sheet_size(n_rows, n_cols, int(thumb))
+    if width * height > MAX_SHEET_PIXELS:
+        raise ConfigError(
+            f"a contact sheet of {n_rows} queries × {n_cols} tiles of {thumb} pixels would be {width}x{height} "
+            f"pixels (more than {MAX_SHEET_PIXELS // 1_000_000} megapixels); use a smaller --thumb or --topk, or "
+            "fewer queries per sheet"
+        )
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> str:
@@ -68,8 +86,6 @@ def contact_sheet(
         raise ConfigError(f"got {len(query_paths)} queries but {len(results)} result lists; give one list per query")
     if not query_paths:
         raise ConfigError("a contact sheet needs at least one query")
-    if int(thumb) < MIN_THUMB:
-        raise ConfigError(f"thumb must be at least {MIN_THUMB} pixels, got {thumb}")
     thumb = int(thumb)
     rows: list[tuple[list[str], list[float]]] = []
     for i, (given_paths, given_scores) in enumerate(results):
@@ -77,6 +93,7 @@ def contact_sheet(
             raise ConfigError(f"results of query {i}: {len(given_paths)} paths but {len(given_scores)} scores")
         rows.append(([str(p) for p in given_paths], [float(s) for s in given_scores]))
     n_cols = 1 + max(len(p) for p, _ in rows)
+    check_sheet(len(rows), n_cols, thumb)
     sheet = Image.new("RGB", sheet_size(len(rows), n_cols, thumb), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
@@ -121,7 +138,7 @@ def _tile(
     if frame:
         draw.rectangle([x, y, x + thumb - 1, y + thumb - 1], outline=QUERY_FRAME, width=3)
     draw.text((x, y + thumb + 2), _fit(draw, label, font, thumb), fill=TEXT, font=font)
-    draw.text((x, y + thumb + 15), _fit(draw, Path(path).name, font, thumb), fill=TEXT, font=font)
+    draw.text((x, y + thumb + 15), _fit(draw, show_path(Path(path).name), font, thumb), fill=TEXT, font=font)
 
 
-__all__ = ["contact_sheet", "sheet_size", "CAPTION_HEIGHT", "PAD", "SEPARATOR"]
+__all__ = ["contact_sheet", "check_sheet", "sheet_size", "CAPTION_HEIGHT", "PAD", "SEPARATOR"]
