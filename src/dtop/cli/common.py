@@ -7,7 +7,7 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING, Any, get_args
 
-from dtop.engine.settings import Amp, ExtractSettings, StorageDtype, load_extract_settings
+from dtop.engine.settings import Amp, ExtractSettings, ScalePool, StorageDtype, load_extract_settings
 from dtop.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -41,12 +41,15 @@ def add_extraction_args(p: argparse.ArgumentParser) -> None:
     defaults = ExtractSettings()
     # None = not given: the --config file's value, else the default, applies
     g.add_argument("--config", dest="extract_config", metavar="YAML",
-                   help="extraction settings file (image_size, scales, dtype, exif_transpose); "
+                   help="extraction settings file (image_size, scales, dtype, exif_transpose, scale_pool); "
                    "the options below override it")
     g.add_argument("--image-size", type=int, default=None,
                    help=f"longer side at scale 1 (default {defaults.image_size})")
     g.add_argument("--scales", type=float, nargs="+", default=None,
                    help="scales averaged into one descriptor (default 1/√2 1 √2)")
+    g.add_argument("--scale-pool", choices=get_args(ScalePool), default=None,
+                   help="how scales are combined: mean, power (cirtorch's power mean with the GeM exponent; "
+                   "GeM models without a projection) or auto (default: power for those, as cirtorch; else mean)")
     g.add_argument("--dtype", choices=get_args(StorageDtype), default=None,
                    help=f"storage precision (default {defaults.dtype})")
     g.add_argument("--exif-transpose", action=argparse.BooleanOptionalAction, default=None,
@@ -65,7 +68,7 @@ def settings_from_args(args: argparse.Namespace) -> ExtractSettings:
     """The extraction settings of ``--config`` (or the defaults) with the options given over them."""
     settings = load_extract_settings(args.extract_config)
     given = {"image_size": args.image_size, "scales": args.scales, "dtype": args.dtype,
-             "exif_transpose": args.exif_transpose}
+             "exif_transpose": args.exif_transpose, "scale_pool": args.scale_pool}
     return dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
 
 

@@ -6,7 +6,6 @@ Descriptor stores are cached per model fingerprint and extraction settings (see 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import time
@@ -19,7 +18,7 @@ import torch
 
 from dtop import __version__
 from dtop.data.revisited import RevisitedDataset, load_r1m_list
-from dtop.engine.extract import extract_to_store
+from dtop.engine.extract import extract_to_store, settings_digest, settings_record
 from dtop.engine.settings import ExtractSettings
 from dtop.models.base import WHITENING_EXTRA, RetrievalModel
 from dtop.models.identity import model_fingerprint
@@ -30,11 +29,6 @@ from dtop.retrieval.search import to_ranks
 from dtop.utils.io import atomic_path, write_json, write_text
 
 R1M_TAG = "+1m"
-
-
-def settings_digest(settings: ExtractSettings) -> str:
-    """Short hash of the extraction settings (names the cache folder)."""
-    return hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def dataset_tag(dataset: RevisitedDataset) -> str:
@@ -78,7 +72,7 @@ def evaluate_model(
     """
     settings = settings or ExtractSettings()
     fingerprint = model_fingerprint(model)
-    base = Path(cache_dir) / fingerprint / settings_digest(settings)
+    base = Path(cache_dir) / fingerprint / settings_digest(model, settings)
     _post_processing(post, model)  # a step that cannot run fails now, not after the extraction
     start = time.perf_counter()
     queries, variants, stores = _extract_benchmark(model, dataset, base, settings, r1m_paths, runtime)
@@ -105,6 +99,7 @@ def evaluate_model(
         "results": results,
         "ranks_arrays": ranks,
         "stores": {k: str(v) for k, v in stores.items()},
+        "extraction": settings_record(model, settings),  # scale_pool resolved for this model
         "post": described,
         "transductive": transductive,
         "timing": {"extract_s": extract_s, "search_score_s": time.perf_counter() - start},

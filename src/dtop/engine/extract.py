@@ -6,6 +6,7 @@ How batches are planned and why nothing waits for the GPU: docs/engine.md.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -29,11 +30,11 @@ from dtop.data.images import (
     to_uint8_tensor,
 )
 from dtop.engine.runtime import autocast_context, barrier, dist_info, resolve_device
-from dtop.engine.settings import DEFAULT_SCALES, ExtractSettings
-from dtop.errors import DataError
+from dtop.engine.settings import DEFAULT_SCALES, ExtractSettings, ScalePool
+from dtop.errors import ConfigError, DataError
 from dtop.models.base import RetrievalModel
 from dtop.models.identity import model_fingerprint
-from dtop.models.layers import l2n
+from dtop.models.layers import GeM, l2n
 from dtop.retrieval.store import DescriptorStore, Failure
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,50 @@ log = logging.getLogger(__name__)
 def model_info(model: RetrievalModel) -> dict[str, Any]:
     """What identifies a model in a descriptor store's manifest."""
     return {"fingerprint": model_fingerprint(model), "config": to_dict(model.config)}
+
+
+def gem_power(model: RetrievalModel) -> float | None:
+    """The GeM exponent of a model whose descriptor is its GeM-pooled feature (no projection), else None.
+
+    cirtorch's rule for its multi-scale power mean (GeM pooling, no whitening layer after it); such
+    descriptors are non-negative, so their power mean is defined.
+    """
+    pool = getattr(model, "pool", None)
+    if isinstance(pool, GeM) and model.config.arch in ("gem-cnn", "gem-tokens") and model.config.dim is None:
+        return float(pool.p.detach())
+    return None
+
+
+def scale_power(model: RetrievalModel, scale_pool: ScalePool) -> float | None:
+    """The exponent of the power mean over scales that ``scale_pool`` gives ``model`` (None: plain mean)."""
+    if scale_pool == "mean":
+        return None
+    power = gem_power(model)
+    if power is None and scale_pool == "power":
+        raise ConfigError(
+            f"scale_pool=power needs a GeM model without a projection (its descriptors are non-negative), "
+            f"not arch {model.config.arch!r} with dim={model.config.dim}; use scale_pool=mean or auto"
+        )
+    return power
+
+
+def settings_record(model: RetrievalModel, settings: ExtractSettings) -> dict[str, Any]:
+    """The extraction settings as stores, caches and results record them for ``model``.
+
+    ``scale_pool`` is resolved: ``"power"`` with its exponent ``scale_power``, or left out for the
+    plain mean, so that stores and caches written before the option existed (plain mean) still match.
+    """
+    record = asdict(settings)
+    del record["scale_pool"]
+    power = scale_power(model, settings.scale_pool)
+    if power is not None:
+        record.update(scale_pool="power", scale_power=power)
+    return record
+
+
+def settings_digest(model: RetrievalModel, settings: ExtractSettings) -> str:
+    """Short hash of :func:`settings_record` (names descriptor cache folders)."""
+    return hashlib.sha256(json.dumps(settings_record(model, settings), sort_keys=True).encode()).hexdigest()[:10]
 
 
 class MultiScaleTransform:
@@ -156,7 +201,7 @@ def collate_groups(items: list) -> dict[str, Any]:
 
 
 class _Sums:
-    """Per-scale descriptors summed per item on the model's device.
+    """Per-scale descriptors (or their ``power``-th powers) summed per item on the model's device.
 
     Nothing waits for the GPU until :meth:`descriptors`, so the next batch arrives (stacked and
     pinned by the DataLoader) while the current one computes: the normalisation constants live on
@@ -165,8 +210,9 @@ class _Sums:
     batch is fetched).
     """
 
-    def __init__(self, model: RetrievalModel, n_items: int, n_scales: int, device: torch.device, amp: str):
-        self.model, self.device, self.amp, self.n_scales = model, device, amp, n_scales
+    def __init__(self, model: RetrievalModel, n_items: int, n_scales: int, device: torch.device, amp: str,
+                 power: float | None = None):
+        self.model, self.device, self.amp, self.n_scales, self.power = model, device, amp, n_scales, power
         self.sums = torch.zeros(n_items, model.descriptor_dim, dtype=torch.float32, device=device)
         self.mean, self.std = channel_tensors(model.mean, model.std, device)
 
@@ -181,11 +227,13 @@ class _Sums:
         x = normalize(self._to_device(x), self.mean, self.std)
         with autocast_context(self.device, self.amp):
             out = self.model(x)
+        out = out.float() if self.power is None else out.float().pow(self.power)
         # one row per item in a batch: index_add_ never adds twice to a row in one call (deterministic)
-        self.sums.index_add_(0, self._to_device(positions), out.float())
+        self.sums.index_add_(0, self._to_device(positions), out)
 
     def descriptors(self) -> torch.Tensor:
-        return l2n(self.sums / self.n_scales).cpu()
+        mean = self.sums / self.n_scales
+        return l2n(mean if self.power is None else mean.pow(1.0 / self.power)).cpu()
 
 
 def _extract_shards(model, dataset, shards, settings, batch_size, num_workers, device, amp, bar):
@@ -207,6 +255,7 @@ def _extract_shards(model, dataset, shards, settings, batch_size, num_workers, d
         prefetch_factor=(1 if num_workers >= 4 else 2) if num_workers > 0 else None,
     )
     order = dict(shards)
+    power = scale_power(model, settings.scale_pool)
     current, sums, ok, failures, position = None, None, None, [], {}
 
     def finish():
@@ -219,7 +268,7 @@ def _extract_shards(model, dataset, shards, settings, batch_size, num_workers, d
             current = batch["shard"]
             indices = order[current]
             position = {index: p for p, index in enumerate(indices)}
-            sums = _Sums(model, len(indices), len(settings.scales), device, amp)
+            sums = _Sums(model, len(indices), len(settings.scales), device, amp, power)
             ok, failures = torch.ones(len(indices), dtype=torch.bool), []
         for f in batch["failures"]:
             failures.append(Failure(int(f.index), f.path, f.reason))
@@ -265,7 +314,7 @@ def extract_to_store(
     model = model.to(device).eval()
     rank, world = dist_info()
     names = [str(p) for p in paths]
-    store_settings = {**asdict(settings), "crops": _crops_digest(bbxs)}
+    store_settings = {**settings_record(model, settings), "crops": _crops_digest(bbxs)}
     store = _open_store(out, names, store_settings, model_info(model), rank, shard_size, overwrite)
     shards = store.assigned_shards(rank, world)
     if max_shards is not None:
@@ -366,6 +415,7 @@ def describe(
     image_size: int = 1024,
     scales: Sequence[float] = DEFAULT_SCALES,
     bbx: Sequence[float] | None = None,
+    scale_pool: ScalePool = "auto",
 ) -> torch.Tensor:
     """The descriptor (d,) of one image: a path or a PIL image, optionally cropped to ``bbx``."""
     from dtop.data.images import crop_bbx
@@ -375,6 +425,10 @@ def describe(
         img = crop_bbx(img, bbx)
     device = next(model.parameters()).device
     transform = MultiScaleTransform(image_size, scales)
+    power = scale_power(model, scale_pool)
     with torch.inference_mode():
-        outs = [model(normalize(x[None].to(device), model.mean, model.std)).float().cpu() for x in transform(img)]
-    return l2n(torch.stack(outs).mean(0))[0]
+        outs = torch.stack([model(normalize(x[None].to(device), model.mean, model.std)).float().cpu()
+                            for x in transform(img)])
+    if power is None:
+        return l2n(outs.mean(0))[0]
+    return l2n(outs.pow(power).mean(0).pow(1.0 / power))[0]

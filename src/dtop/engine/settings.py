@@ -18,6 +18,10 @@ Amp = Literal["auto", "none", "bf16", "fp16"]
 StorageDtype = Literal["float32", "float16"]
 #: The longer side of a model input in pixels (16: one token).
 ImageSize = Annotated[int, AtLeast(16)]
+#: How the descriptors of the scales are combined: ``mean`` (their mean), ``power`` (cirtorch's
+#: power mean with the model's GeM exponent p, ``(Σ_s v_s^p / n)^(1/p)``: GeM models without a
+#: projection only), ``auto`` (power for such a model, as cirtorch does; mean for every other).
+ScalePool = Literal["auto", "mean", "power"]
 
 DEFAULT_SCALES: tuple[float, ...] = (1 / math.sqrt(2), 1.0, math.sqrt(2))
 
@@ -28,12 +32,14 @@ class ExtractSettings:
 
     #: Longer side of the image at scale 1.
     image_size: ImageSize = 1024
-    #: Scales; the descriptor is the L2-normalised mean over them.
+    #: Scales; the descriptor is the L2-normalised mean (or power mean, ``scale_pool``) over them.
     scales: list[PositiveFloat] = field(default_factory=lambda: list(DEFAULT_SCALES))
     #: Storage precision of the descriptors: float32 | float16.
     dtype: StorageDtype = "float32"
     #: Apply EXIF orientation (off for the benchmarks, whose bbx refer to the stored layout).
     exif_transpose: bool = False
+    #: How the scales are combined: auto | mean | power (GeM models without a projection).
+    scale_pool: ScalePool = "auto"
 
     def __post_init__(self) -> None:
         check_fields(self)
