@@ -70,7 +70,10 @@ def save_checkpoint(
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a dtop checkpoint (config, weights, extras) with clear errors for other files."""
+    """Read a dtop checkpoint (config, weights, extras) with clear errors for other files.
+
+    The header is validated before any tensor is read.
+    """
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -78,31 +81,15 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(HEADER_KEY)
+            header = _read_header(path, (f.metadata() or {}).get(HEADER_KEY))
+            config = _header_config(path, header)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(
             f"{path} is not a dtop checkpoint (not a readable safetensors file: {err}). "
             "Plain timm/torch weights go into model.pretrained instead."
         ) from err
-    try:
-        header = json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
-        header = {}
-    if header.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path} is a safetensors file without a dtop configuration (format={header.get('format')!r}). "
-            "If it holds backbone weights, pass it as model.pretrained=<path> in a model config."
-        )
-    if header.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint format version {header.get('format_version')}; this dtop reads {FORMAT_VERSION}"
-        )
-    try:
-        config = from_dict(ModelConfig, header["config"], where="model")
-    except (ConfigError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{path} holds an invalid model configuration: {err}") from err
-    extras_metadata = header.get("extras", {})
+    extras_metadata = header["extras"]
     extras: dict[str, CheckpointExtra] = {}
     state = {}
     for key, value in tensors.items():
@@ -113,7 +100,45 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             extras[name].tensors[sub] = value
         else:
             state[key] = value
-    return Checkpoint(config=config, state_dict=state, extras=extras, metadata=header.get("metadata", {}))
+    return Checkpoint(config=config, state_dict=state, extras=extras, metadata=header["metadata"])
+
+
+def _read_header(path: Path, raw: str | None) -> dict[str, Any]:
+    """The checkpoint's JSON header, checked: an object of the right format and version whose
+    ``extras`` (name → object) and ``metadata`` (object) have the right types."""
+    try:
+        header = json.loads(raw) if raw else {}
+    except (json.JSONDecodeError, RecursionError):
+        header = None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        found = header.get("format") if isinstance(header, dict) else "not a JSON object"
+        raise CheckpointError(
+            f"{path} is a safetensors file without a dtop configuration (format={found!r}). "
+            "If it holds backbone weights, pass it as model.pretrained=<path> in a model config."
+        )
+    if header.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {header.get('format_version')!r}; this dtop reads {FORMAT_VERSION}"
+        )
+    header.setdefault("extras", {})
+    header.setdefault("metadata", {})
+    extras = header["extras"]
+    if not isinstance(extras, dict) or not all(isinstance(v, dict) for v in extras.values()):
+        raise CheckpointError(f"{path}: the header's 'extras' must map names to JSON objects; the file is damaged")
+    if not isinstance(header["metadata"], dict):
+        raise CheckpointError(f"{path}: the header's 'metadata' must be a JSON object; the file is damaged")
+    return header
+
+
+def _header_config(path: Path, header: dict[str, Any]) -> ModelConfig:
+    """The model configuration of a checkpoint header."""
+    if not isinstance(header.get("config"), dict):
+        raise CheckpointError(f"{path} holds no model configuration (the header's 'config' is "
+                              f"{type(header.get('config')).__name__}, not an object); the file is damaged")
+    try:
+        return from_dict(ModelConfig, header["config"], where="model")
+    except (ConfigError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path} holds an invalid model configuration: {err}") from err
 
 
 def load_weights(model: RetrievalModel, checkpoint: str | os.PathLike | Checkpoint) -> Checkpoint:
@@ -121,7 +146,8 @@ def load_weights(model: RetrievalModel, checkpoint: str | os.PathLike | Checkpoi
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
     source = "the checkpoint" if isinstance(checkpoint, Checkpoint) else str(checkpoint)
     diffs = config_differences(ckpt.config, model.config)
-    parts = state_dict_mismatches(model.state_dict(), ckpt.state_dict)
+    own = model.state_dict()
+    parts = state_dict_mismatches(own, ckpt.state_dict) + dtype_mismatches(own, ckpt.state_dict)
     if diffs:
         parts.insert(0, "config differs (checkpoint vs model): " + "; ".join(diffs[:6]))
     if parts:
@@ -133,6 +159,15 @@ def load_weights(model: RetrievalModel, checkpoint: str | os.PathLike | Checkpoi
     return ckpt
 
 
+def dtype_mismatches(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Tensors whose kind differs (integer or bool vs floating point): ``load_state_dict`` would cast them
+    silently. Floating-point precisions (float16 vs float32) may differ."""
+    bad = [f"{k}: file {state[k].dtype} vs model {v.dtype}" for k, v in own.items()
+           if k in state and (state[k].dtype.is_floating_point != v.dtype.is_floating_point
+                              or (state[k].dtype == torch.bool) != (v.dtype == torch.bool))]
+    return [f"{len(bad)} tensors of another kind (e.g. {'; '.join(bad[:3])})"] if bad else []
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> RetrievalModel:
     """Rebuild a model from a dtop checkpoint file alone (in eval mode).
 
@@ -142,7 +177,18 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> R
 
     ckpt = read_checkpoint(path)
     # The weights come from the file: never fetch the pretrained backbone again.
-    model = build_model(replace(ckpt.config, pretrained=None))
+    config = replace(ckpt.config, pretrained=None)
+    # Compare shapes on a model without storage first: a header that declares a huge model next to
+    # small tensors fails here instead of allocating it. Once they match, the model is as large as the file.
+    with torch.device("meta"):
+        skeleton = build_model(config)
+    own = skeleton.state_dict()
+    parts = state_dict_mismatches(own, ckpt.state_dict) + dtype_mismatches(own, ckpt.state_dict)
+    if parts:
+        raise CheckpointError(f"{path} is damaged: its tensors do not fit the model its header describes: "
+                              + ", ".join(parts))
+    del skeleton
+    model = build_model(config)
     load_weights(model, ckpt)
     model.checkpoint_extras = dict(ckpt.extras)
     return model.to(device).eval()

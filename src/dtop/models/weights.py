@@ -56,7 +56,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
         state = {k[len("module."):]: v for k, v in state.items()}
     if any(k.startswith("backbone.") for k in state):  # a dtop checkpoint: keep its backbone
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        from dtop.models.locality import is_locality_param
+
+        # without what locality enhancement added: a model inserts its own (as identity) after loading
+        state = {k[len("backbone."):]: v for k, v in state.items()
+                 if k.startswith("backbone.") and not is_locality_param(k)}
     return state
 
 
