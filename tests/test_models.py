@@ -212,3 +212,100 @@ def test_every_arch_choice_has_a_model_class():
     from dtop.models.factory import ARCH_REGISTRY
 
     assert set(ARCH_REGISTRY) == set(get_args(Arch))
+
+
+# ------------------------------------------------------------------ hybrids on any timm CNN stem
+
+
+def lite_config(**changes):
+    """dtop_lite shrunk for speed (2 blocks of width 48), random weights."""
+    cfg = resolve_model_config("dtop_lite", ["pretrained=none"])
+    changes.setdefault("backbone_args", {"embed_dim": 48, "depth": 2, "num_heads": 2, "img_size": 64})
+    changes.setdefault("layers", [-2, -1])
+    return dataclasses.replace(cfg, **changes)
+
+
+def _cnn_weights(tmp_path, name="efficientnet_lite0", drop_counters=True):
+    """A timm-keyed weights file of the whole CNN (classifier included), without BatchNorm's counters."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    cnn = timm.create_model(name, pretrained=False)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so that a wrong load shows
+        for module in cnn.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    state = {k: v.contiguous() for k, v in cnn.state_dict().items()
+             if not (drop_counters and k.endswith("num_batches_tracked"))}
+    path = tmp_path / f"{name}.safetensors"
+    save_file(state, str(path))
+    return cnn.eval(), path
+
+
+def test_cnn_stem_hybrid_equals_timm_features_and_vit(tmp_path):
+    """The stem is timm's CNN cut at stride 16 holding the file's weights (loaded strictly, BatchNorm
+    counters optional), and the whole backbone computes timm's VisionTransformer over its features."""
+    from dtop.models.cnn_stem import create_cnn_stem
+
+    cnn, path = _cnn_weights(tmp_path)
+    model = build_model(lite_config(pretrained=str(path), locality="none"))
+    stem = model.backbone.patch_embed.backbone
+    x = torch.randn(2, 3, 96, 64)
+    reference = timm.create_model("efficientnet_lite0", pretrained=False, features_only=True).eval()
+    reference.load_state_dict({k: v for k, v in cnn.state_dict().items() if k in reference.state_dict()})
+    with torch.no_grad():
+        features = stem(x)[-1]
+        torch.testing.assert_close(features, reference(x)[3], rtol=1e-5, atol=1e-5)  # stride 16, 112 channels
+    assert features.shape == (2, 112, 6, 4) and model.stride == 16
+    twin = _timm_twin(model)
+    assert type(create_cnn_stem("efficientnet_lite0")) is type(twin.patch_embed.backbone)
+    with torch.no_grad():
+        torch.testing.assert_close(model.backbone.forward_features(x), twin.forward_features(x), rtol=1e-5, atol=1e-5)
+
+
+def test_cnn_stem_weights_of_another_cnn_fail_clearly(tmp_path):
+    from dtop.errors import CheckpointError
+
+    _, path = _cnn_weights(tmp_path, "mobilenetv3_small_050")
+    with pytest.raises(CheckpointError, match="do not fit the stem efficientnet_lite0"):
+        build_model(lite_config(pretrained=str(path)))
+
+
+def test_unknown_cnn_stem_fails_clearly():
+    with pytest.raises(ConfigError, match="unknown stem 'efficientnet_lite9'"):
+        build_model(lite_config(stem="efficientnet_lite9"))
+
+
+@pytest.mark.parametrize("arch", ["dtop", "cls", "gem-tokens"])
+def test_only_the_pretrained_cnn_learns_slowly(arch):
+    """With a CNN stem, backbone_lr_mult applies to the CNN only: the ViT on top is new."""
+    from dtop.engine.train import param_groups
+
+    model = build_model(lite_config(arch=arch, locality="none" if arch != "dtop" else "conv-ffn"))
+    slow = {n for n, _ in model.named_parameters() if model.from_pretrained(n)}
+    assert slow and all(n.startswith("backbone.patch_embed.backbone.") for n in slow)
+    assert "backbone.patch_embed.proj.weight" not in slow and "backbone.blocks.0.attn.qkv.weight" not in slow
+    groups = param_groups(model, torch.nn.Linear(2, 2), lr=1.0, backbone_mult=0.1, weight_decay=0.0)
+    slow_ids = {id(p) for g in groups if g["lr"] == 0.1 for p in g["params"]}
+    assert slow_ids == {id(p) for n, p in model.named_parameters() if n in slow and p.requires_grad}
+    # a ViT backbone (pretrained as a whole) keeps its rule: everything but the locality modules
+    tiny = build_model("dtop_tiny")
+    assert all(tiny.from_pretrained(n) == (tiny.part_of(n) in ("stem", "encoder")) for n, _ in tiny.named_parameters())
+
+
+def test_hybrid_needs_exactly_one_stem():
+    with pytest.raises(ConfigError, match="exactly one stem"):
+        lite_config(stem_layers=[1, 1, 1])
+    with pytest.raises(ConfigError, match="applies only to backbone 'hybrid'"):
+        dataclasses.replace(resolve_model_config("gem_cnn_lite"), stem="efficientnet_lite0")
+
+
+def test_lite_models_build_and_describe():
+    for name in ("dtop_lite", "cls_lite", "gem_tokens_lite", "gem_cnn_lite"):
+        cfg = resolve_model_config(name, ["pretrained=none"])
+        model = build_model(cfg)
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, 64, 96))
+        assert out.shape == (1, model.descriptor_dim)
+        assert model.descriptor_dim == (1280 if name == "gem_cnn_lite" else 128)

@@ -73,7 +73,7 @@ class TrainModule(nn.Module):
 def param_groups(
     model: RetrievalModel, loss: nn.Module, lr: float, backbone_mult: float, weight_decay: float
 ) -> list[dict[str, Any]]:
-    """AdamW groups: backbone (stem, encoder) at ``lr × backbone_mult``; locality, head and loss at ``lr``.
+    """AdamW groups: pretrained parts (``model.from_pretrained``) at ``lr × backbone_mult``, the rest at ``lr``.
 
     Biases, norms, GeM ``p`` and other 1-D parameters get no weight decay.
     """
@@ -81,8 +81,7 @@ def param_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        part = model.part_of(name)
-        slow = part in ("stem", "encoder")
+        slow = model.from_pretrained(name)  # pretrained parts learn slower; new layers at the full rate
         groups.setdefault((("backbone" if slow else "head"), param.ndim > 1), []).append(param)
     for param in loss.parameters():
         groups.setdefault(("head", True), []).append(param)
@@ -138,13 +137,9 @@ def build_sampler(config: TrainConfig, training_set: TrainingSet, rank: int, wor
 
 def build_tuple_sampler(config: TrainConfig, training_set: TrainingSet, rank: int, world: int) -> TupleBatchSampler:
     """The :class:`~dtop.engine.mining.TupleBatchSampler` of the contrastive protocol."""
-    from dtop.engine.mining import TupleSampler, pairs_from_labels
+    from dtop.engine.mining import TupleSampler, training_pairs
 
-    extras = training_set.extras
-    if "qidxs" in extras and "pidxs" in extras:
-        qidxs, pidxs = extras["qidxs"], extras["pidxs"]
-    else:
-        qidxs, pidxs = pairs_from_labels(training_set.labels)
+    qidxs, pidxs = training_pairs(training_set)
     c = config.loss
     tuples = TupleSampler(qidxs, pidxs, training_set.labels, num_queries=c.num_queries, pool_size=c.pool_size,
                           num_negatives=c.num_negatives, seed=config.run.seed, rank=rank, world_size=world)

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import difflib
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dtop.errors import CheckpointError, ConfigError
+from dtop.models.cnn_stem import STEM_CNN_PREFIX, create_cnn_stem, load_stem_weights
 from dtop.models.config import ModelConfig
+from dtop.models.locality import is_locality_param
+from dtop.models.sources import packaged_weights
 from dtop.models.weights import is_weights_path, pretrained_state_dict, read_state_dict, state_dict_mismatches
 
 if TYPE_CHECKING:
@@ -63,19 +66,7 @@ def create_vit(config: ModelConfig) -> VisionTransformer:
     kwargs = dict(config.backbone_args)
     kwargs.update(num_classes=0, dynamic_img_size=True)
     if config.backbone == "hybrid":
-        from timm.layers import StdConv2dSame
-        from timm.models.resnetv2 import ResNetV2
-
-        if not config.stem_layers:
-            raise ConfigError("backbone 'hybrid' needs model.stem_layers (ResNetV2 blocks per stage, e.g. [1, 1, 1])")
-        stem = ResNetV2(
-            layers=list(config.stem_layers),
-            num_classes=0,
-            global_pool="",
-            preact=False,
-            stem_type="same",
-            conv_layer=partial(StdConv2dSame, eps=1e-8),
-        )
+        stem = create_cnn_stem(config.stem) if config.stem else _resnetv2_stem(config)
         kwargs.setdefault("img_size", 224)
         try:
             return VisionTransformer(patch_size=1, embed_layer=partial(_hybrid_embed_cls(), backbone=stem), **kwargs)
@@ -90,6 +81,23 @@ def create_vit(config: ModelConfig) -> VisionTransformer:
             f"arch {config.arch!r} needs a ViT (use arch 'gem-cnn' for CNNs)"
         )
     return model
+
+
+def _resnetv2_stem(config: ModelConfig) -> nn.Module:
+    """The ResNetV2 stem of ``stem_layers`` with the layout of timm's R50+ViT hybrids."""
+    from timm.layers import StdConv2dSame
+    from timm.models.resnetv2 import ResNetV2
+
+    if not config.stem_layers:
+        raise ConfigError("backbone 'hybrid' needs model.stem_layers (ResNetV2 blocks per stage, e.g. [1, 1, 1])")
+    return ResNetV2(
+        layers=list(config.stem_layers),
+        num_classes=0,
+        global_pool="",
+        preact=False,
+        stem_type="same",
+        conv_layer=partial(StdConv2dSame, eps=1e-8),
+    )
 
 
 def create_cnn(config: ModelConfig) -> nn.Module:
@@ -129,27 +137,57 @@ def _is_classifier_key(key: str) -> bool:
 
 
 def load_pretrained(model: nn.Module, config: ModelConfig) -> None:
-    """Load ``config.pretrained`` (none | timm tag | local file) into the backbone ``model``."""
+    """Load ``config.pretrained`` (none | tag | local file) into the backbone ``model``.
+
+    For a hybrid with a ``stem`` CNN, a tag or file names the CNN's weights; a file that holds the
+    whole backbone (a dtop checkpoint of the same model) loads into all of it.
+    """
     spec = config.pretrained
     if spec is None:
         return
-    if is_weights_path(spec):
+    if config.backbone == "hybrid" and config.stem:
+        stem = cast(nn.Module, cast(nn.Module, model.patch_embed).backbone)
+        if is_weights_path(spec):
+            state = read_state_dict(spec)
+            if any(k.startswith(STEM_CNN_PREFIX) for k in state):
+                load_backbone_weights(model, state, spec)
+            else:
+                load_stem_weights(stem, state, config.stem, spec)
+        else:
+            load_stem_weights(stem, pretrained_state_dict(config.stem, spec), config.stem, f"{config.stem}.{spec}")
+    elif is_weights_path(spec):
         load_backbone_weights(model, read_state_dict(spec), spec)
     else:
         if config.backbone == "hybrid":
-            raise ConfigError("backbone 'hybrid' has no timm pretrained weights; pass a local file or none")
+            raise ConfigError("backbone 'hybrid' with stem_layers has no pretrained weights; pass a local file or none")
         state = pretrained_state_dict(config.backbone, spec, **config.backbone_args)
-        load_backbone_weights(model, state, f"timm {config.backbone}.{spec}")
+        load_backbone_weights(model, state, f"{config.backbone}.{spec}")
 
 
 def resolve_normalisation(model: nn.Module, config: ModelConfig) -> tuple[list[float], list[float]]:
-    """Input mean/std: the config's, else the backbone's pretrained statistics."""
+    """Input mean/std: the config's, else those of the pretrained weights (or of the architecture)."""
+    architecture = config.stem or config.backbone
+    packaged = packaged_weights(architecture, config.pretrained)
     cfg: dict[str, Any] = getattr(model, "pretrained_cfg", None) or {}
-    if config.backbone == "hybrid":
+    if packaged is not None:
+        cfg = {"mean": packaged.mean, "std": packaged.std}
+    elif config.backbone == "hybrid" and config.stem:
+        cfg = getattr(cast(nn.Module, model.patch_embed).backbone, "pretrained_cfg", None) or {}
+    elif config.backbone == "hybrid":
         cfg = {"mean": HYBRID_MEAN, "std": HYBRID_STD}
     mean = config.mean or list(cfg.get("mean", IMAGENET_MEAN))
     std = config.std or list(cfg.get("std", IMAGENET_STD))
     return [float(m) for m in mean], [float(s) for s in std]
+
+
+def from_pretrained(config: ModelConfig, name: str) -> bool:
+    """Whether backbone parameter ``name`` (without ``backbone.``) is covered by ``pretrained`` weights.
+
+    Everything but the locality modules, except in a hybrid with a ``stem`` CNN, whose ViT is new.
+    """
+    if config.backbone == "hybrid" and config.stem:
+        return name.startswith(STEM_CNN_PREFIX)
+    return not is_locality_param(name)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -65,6 +65,14 @@ class RetrievalModel(nn.Module):
         """Which part a parameter belongs to: ``stem``, ``encoder``, ``locality`` or ``head``."""
         raise NotImplementedError
 
+    def from_pretrained(self, name: str) -> bool:
+        """Whether parameter ``name`` starts from the pretrained weights (``config.pretrained``) when set.
+
+        Training runs these at ``optim.backbone_lr_mult`` times the learning rate and everything
+        else (new layers, random ViT blocks on a pretrained CNN stem) at the full rate.
+        """
+        return self.part_of(name) in ("stem", "encoder")
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by part (for per-part learning rates and ``dtop info``)."""
         groups: dict[str, list[nn.Parameter]] = {"stem": [], "encoder": [], "locality": [], "head": []}

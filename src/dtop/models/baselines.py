@@ -17,6 +17,7 @@ from torch import nn
 from dtop.models.backbone import (
     create_cnn,
     create_vit,
+    from_pretrained,
     load_pretrained,
     pad_to_multiple,
     resolve_normalisation,
@@ -30,7 +31,7 @@ from dtop.models.layers import GeM, l2n
 if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer
 
-CNN_STEM_PREFIXES = ("conv1", "bn1", "stem")
+CNN_STEM_PREFIXES = ("conv1", "bn1", "stem", "conv_stem")
 
 
 class _ProjectedBaseline(RetrievalModel):
@@ -75,6 +76,9 @@ class _VitBaseline(_ProjectedBaseline):
     @property
     def stride(self) -> int:  # noqa: D102
         return vit_stride(self.backbone)
+
+    def from_pretrained(self, name: str) -> bool:  # noqa: D102
+        return name.startswith("backbone.") and from_pretrained(self.config, name[len("backbone."):])
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Final-norm tokens of the last block (B, prefix + h*w, D)."""

@@ -27,15 +27,19 @@ class ModelConfig:
 
     #: ``dtop`` (the DToP head), or a baseline: ``cls``, ``gem-tokens``, ``gem-cnn``.
     arch: Arch = "dtop"
-    #: A timm model name (a VisionTransformer, or any CNN for ``gem-cnn``), or ``hybrid``: a
-    #: ResNetV2 stem + ViT of your own shape (``stem_layers`` + ``backbone_args``) with timm's layout.
+    #: A timm model name (a VisionTransformer, or any CNN for ``gem-cnn``), or ``hybrid``: a CNN
+    #: stem (``stem`` or ``stem_layers``) + a ViT of your own shape (``backbone_args``), timm's layout.
     backbone: str = "vit_base_r50_s16_384"
     #: Extra keyword arguments for the timm constructor (``depth``, ``embed_dim``, ``num_heads``, ...).
     backbone_args: dict[str, Any] = field(default_factory=dict)
     #: ResNetV2 blocks per stage of the stem when ``backbone: hybrid`` (timm's R50 hybrid: [3, 4, 9]).
     stem_layers: list[PositiveInt] | None = None
-    #: ``none``, a timm pretrained tag (``orig_in21k_ft_in1k``; ``default`` = timm's default tag),
-    #: or the path of a local weights file (.safetensors, .pth, .bin, or a dtop checkpoint).
+    #: Or any timm CNN as the stem of ``backbone: hybrid``, cut at stride 16 (``efficientnet_lite0``).
+    stem: str | None = None
+    #: ``none``, a pretrained tag (timm's, e.g. ``orig_in21k_ft_in1k``; ``default`` = timm's default
+    #: tag; or one that a pip package ships, e.g. ``tf_in1k`` of ``efficientnet_lite0``), or the path
+    #: of a local weights file (.safetensors, .pth, .bin, or a dtop checkpoint). For a hybrid with a
+    #: ``stem`` CNN it names the CNN's weights (or a file holding the whole backbone).
     pretrained: str | None = None
     #: Encoder blocks whose outputs are tapped (negative = from the end).
     layers: list[int] = field(default_factory=lambda: [-4, -3, -2, -1])
@@ -80,10 +84,14 @@ class ModelConfig:
                 "fusion 'orthogonal' projects the local vector on the global one: set "
                 f"model.global_dim == model.local_dim (got {self.global_dim} and {self.local_dim})"
             )
-        if self.backbone == "hybrid" and not self.stem_layers:
-            raise ConfigError("backbone 'hybrid' needs model.stem_layers (ResNetV2 blocks per stage, e.g. [1, 1, 1])")
-        if self.stem_layers is not None and self.backbone != "hybrid":
-            raise ConfigError("model.stem_layers applies only to backbone 'hybrid'")
+        if self.backbone == "hybrid" and bool(self.stem_layers) == bool(self.stem):
+            raise ConfigError(
+                "backbone 'hybrid' needs exactly one stem: model.stem_layers (ResNetV2 blocks per stage, e.g. "
+                "[1, 1, 1]) or model.stem (a timm CNN, e.g. efficientnet_lite0)"
+            )
+        for name in ("stem_layers", "stem"):
+            if getattr(self, name) is not None and self.backbone != "hybrid":
+                raise ConfigError(f"model.{name} applies only to backbone 'hybrid'")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None and len(value) != 3:

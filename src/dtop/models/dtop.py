@@ -10,6 +10,7 @@ from torch import nn
 from dtop.errors import ConfigError
 from dtop.models.backbone import (
     create_vit,
+    from_pretrained,
     load_pretrained,
     pad_to_multiple,
     resolve_layers,
@@ -139,6 +140,9 @@ class DToP(RetrievalModel):
         if is_locality_param(name):
             return "locality"
         return "stem" if name.startswith(STEM_PREFIXES) else "encoder"
+
+    def from_pretrained(self, name: str) -> bool:  # noqa: D102
+        return name.startswith("backbone.") and from_pretrained(self.config, name[len("backbone."):])
 
     def forward_taps(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The tapped blocks' [CLS] tokens (B, D) and patch-token maps (B, D, h, w), in block order."""

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from dtop.models.backbone import vit_stride
 from dtop.models.base import RetrievalModel
 from dtop.models.dtop import DToP
 
@@ -49,11 +50,23 @@ def model_summary(model: RetrievalModel, height: int = 512, width: int = 384) ->
         summary["locality"] = (
             cfg.locality if cfg.locality == "none" else f"{cfg.locality} in last {cfg.locality_blocks} blocks"
         )
-    blocks = getattr(model.backbone, "blocks", None)  # a ViT (a CNN has none)
-    if blocks is not None:
-        summary["blocks"] = len(blocks)
-        summary["width"] = int(getattr(model.backbone, "embed_dim", 0))
+    summary.update(_backbone_summary(model))
     return summary
+
+
+def _backbone_summary(model: RetrievalModel) -> dict[str, Any]:
+    """The encoder's blocks and width (a ViT), the CNN stem of a hybrid, or a CNN's feature channels."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    cfg, backbone = model.config, model.backbone
+    if not isinstance(backbone, VisionTransformer):  # a timm CNN (gem-cnn)
+        return {"feature_channels": int(getattr(backbone, "num_features", 0))}
+    out: dict[str, Any] = {"blocks": len(backbone.blocks), "width": int(backbone.embed_dim)}
+    if cfg.backbone == "hybrid":
+        channels = int(getattr(backbone.patch_embed, "feature_dim", 0))
+        stem = cfg.stem or f"ResNetV2 {cfg.stem_layers}"
+        out["stem"] = f"{stem} to stride {vit_stride(backbone)}, {channels} channels"
+    return out
 
 
 def format_summary(name: str, summary: dict[str, Any]) -> str:
@@ -61,8 +74,12 @@ def format_summary(name: str, summary: dict[str, Any]) -> str:
     params = summary["parameters"]
     h, w = summary["input_size"]
     lines = [f"model       {name}", f"arch        {summary['arch']} on {summary['backbone']}"]
+    if "stem" in summary:
+        lines.append(f"stem        {summary['stem']}")
     if "blocks" in summary:
         lines.append(f"encoder     {summary['blocks']} blocks, width {summary['width']}")
+    if "feature_channels" in summary:
+        lines.append(f"features    {summary['feature_channels']} channels (last feature map)")
     if "tapped_layers" in summary:
         lines.append(f"taps        blocks {summary['tapped_layers']} (0-based)")
         lines.append(f"fusion      {summary['fusion']}")

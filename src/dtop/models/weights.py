@@ -12,6 +12,8 @@ import torch
 from dtop.errors import CheckpointError, ConfigError, PretrainedWeightsUnavailable
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+#: BatchNorm's step counter: not a weight, and absent from files converted from other frameworks.
+OPTIONAL_BUFFER_SUFFIX = "num_batches_tracked"
 HUB_PROBE_TIMEOUT_S = 3.0
 
 
@@ -65,8 +67,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def state_dict_mismatches(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
-    """Missing keys, unexpected keys and shape mismatches of ``state`` against ``own``, as short phrases."""
-    missing = sorted(set(own) - set(state))
+    """Missing keys, unexpected keys and shape mismatches of ``state`` against ``own``, as short phrases.
+
+    BatchNorm's ``num_batches_tracked`` counters may be missing (files converted from other
+    frameworks lack them; torch's strict loading accepts that too).
+    """
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith(OPTIONAL_BUFFER_SUFFIX))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and state[k].shape != own[k].shape]
@@ -133,10 +139,19 @@ def hub_reachable(url: str | None = None, timeout: float = HUB_PROBE_TIMEOUT_S) 
 def pretrained_state_dict(
     backbone: str, tag: str, cache_dir: str | Path | None = None, **create_kwargs
 ) -> dict[str, torch.Tensor]:
-    """State dict of timm's pretrained weights ``backbone.tag``: from the local cache or the hub."""
+    """State dict of the pretrained weights ``backbone.tag``.
+
+    Looked up in this order: a pip package that ships them (:mod:`dtop.models.sources`), the local
+    Hugging Face cache, the hub (only when it answers a quick probe).
+    """
     import timm
     from timm.models import get_pretrained_cfg
 
+    from dtop.models.sources import packaged_weights
+
+    packaged = packaged_weights(backbone, tag)
+    if packaged is not None:
+        return packaged.state_dict()
     name = resolve_timm_name(backbone, tag)
     cfg = get_pretrained_cfg(name)
     hf_hub_id = getattr(cfg, "hf_hub_id", None)
