@@ -192,3 +192,98 @@ def test_float16_store_equals_its_float32_copy(monkeypatch: pytest.MonkeyPatch) 
     assert r16 == r32
     np.testing.assert_array_equal(top16, top32)
     np.testing.assert_array_equal(search(q, torch.from_numpy(x16), 20)[1], top32)
+
+
+def test_faiss_trains_on_a_bounded_sample_of_float16_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("faiss")
+    from dtop.retrieval import faiss_index as faiss_mod
+    from dtop.retrieval.faiss_index import FaissIndex
+
+    x = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float16)
+    parts = [x[:1000], torch.from_numpy(x[1000:2500]), x[2500:]]
+    seen: list[np.ndarray] = []
+    index = FaissIndex(16, factory="IVF4,Flat", search_params="nprobe=4")
+    monkeypatch.setattr(faiss_mod, "TRAIN_PER_DIM", 50)  # at most max(50 * 16, 256 * 4) = 1024 rows
+    original = index.index.train
+    monkeypatch.setattr(index.index, "train", lambda data: (seen.append(data), original(data))[1])
+    index.add(parts)
+    assert seen[0].dtype == np.float32 and seen[0].shape == (1024, 16)
+    rows = np.unique(np.linspace(0, 2999, 1024).round().astype(np.int64))
+    np.testing.assert_array_equal(seen[0], x[rows].astype(np.float32))  # evenly spaced, across the parts
+    assert index.ntotal == 3000
+    # nprobe = nlist: exhaustive, so the same lists as exact search on the float32 values
+    q = x[:7].astype(np.float32)
+    np.testing.assert_array_equal(index.search(q, 5)[1], search(q, x, 5)[1])
+
+
+def test_post_processing_keeps_a_float16_store_float16() -> None:
+    from dtop.retrieval.postprocess import PostProcessing, alpha_database_augmentation
+    from dtop.retrieval.whitening import fit_pca_whitening
+
+    rng = np.random.default_rng(3)
+    x = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((600, 32))).float(), dim=1)
+    x16 = x.half()
+    white = fit_pca_whitening(x16)
+    w16, w32 = white.apply(x16), white.apply(x16.float())
+    assert w16.dtype == torch.float16 and w32.dtype == torch.float32
+    assert torch.allclose(w16.float(), w32, atol=2e-3)  # computed in float32, rounded once
+    dba16 = alpha_database_augmentation(x16, k=3)
+    assert dba16.dtype == torch.float16
+    assert torch.allclose(dba16.float(), alpha_database_augmentation(x16.float(), k=3), atol=2e-3)
+    pp = PostProcessing.from_config(["whiten:fit=database", "dba:k=3", "qe:k=2"])
+    q, db = pp.process(x16[:20], x16)
+    assert db.dtype == torch.float16 and q.dtype == torch.float32  # queries are few: float32
+
+
+def _tiny_benchmark_results(root: Path, dtype: str, post: list[str] | None) -> dict:
+    from dtop.data.revisited import RevisitedDataset
+    from dtop.engine.evaluate import evaluate_model
+    from dtop.engine.settings import ExtractSettings
+    from dtop.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("dtop_tiny").eval()
+    ds = RevisitedDataset(root / "data", "dtop-mini")
+    settings = ExtractSettings(image_size=64, scales=[1.0], dtype=dtype)
+    out = evaluate_model(model, ds, root / f"cache-{dtype}", settings, post=post, topk=10, num_workers=0,
+                         progress=False)
+    return out["results"]["dtop-mini"]
+
+
+@pytest.mark.slow
+def test_float16_store_map_equals_float32_on_the_builtin_benchmark(tmp_path: Path) -> None:
+    from dtop.apps.synthetic import generate_benchmark
+
+    generate_benchmark(tmp_path / "data", n_train_instances=1, n_test_instances=8, train_views=1,
+                       n_distractors=30, image_size=64)
+    for post in (None, ["whiten:fit=database", "dba:k=2", "qe:k=2"]):
+        r32 = _tiny_benchmark_results(tmp_path, "float32", post)
+        r16 = _tiny_benchmark_results(tmp_path, "float16", post)
+        for protocol in ("easy", "medium", "hard"):
+            assert abs(r16[protocol]["map"] - r32[protocol]["map"]) * 100 <= 0.05, (post, protocol)
+
+
+@pytest.mark.slow
+def test_image_index_on_a_float16_store(tmp_path: Path, tiny_model: torch.nn.Module) -> None:
+    pytest.importorskip("faiss")
+    from PIL import Image
+
+    from dtop.apps.index import build_image_index
+    from dtop.engine.settings import ExtractSettings
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(8):
+        path = tmp_path / "photos" / f"p{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).resize((96, 80)).save(path)
+        paths.append(path)
+    found = {}
+    settings = ExtractSettings(image_size=64, scales=[1.0], dtype="float16")
+    for engine in ("torch", "faiss"):
+        index, _ = build_image_index(tmp_path / engine, paths, tiny_model, settings, engine=engine)
+        assert index._database().parts[0].dtype == np.float16
+        results = index.query(paths[:4], topk=3)
+        found[engine] = [r.paths for r in results]
+        assert [r.paths[0] for r in results] == [str(p) for p in paths[:4]]  # each finds itself first
+    assert found["torch"] == found["faiss"]

@@ -17,8 +17,14 @@ import numpy as np
 import torch
 
 from dtop.errors import ConfigError, DataError
-from dtop.retrieval.search import MAX_CHUNK, check_matrix
+from dtop.retrieval.search import CONVERT_BUDGET, check_matrix
 from dtop.utils.io import atomic_path
+
+#: Training vectors at most: faiss samples its training sets anyway (k-means: 256 points per
+#: centroid, IVF lists and PQ codebooks alike; PCA: 1000 per input dimension), so a larger set is
+#: only converted to float32 and then dropped.
+TRAIN_PER_CENTROID = 256
+TRAIN_PER_DIM = 1000
 
 FAISS_INSTALL_HINT = (
     "faiss is not installed; install it with `pip install faiss-cpu` (or `pip install 'dtop[faiss]'`), "
@@ -79,25 +85,56 @@ class FaissIndex:
         """Number of descriptors in the index."""
         return int(self.index.ntotal)
 
+    def _parts(self, x: Any) -> list[np.ndarray | torch.Tensor]:
+        parts = x if isinstance(x, list | tuple) else [x]
+        checked = [check_matrix(p, "descriptors") for p in parts]
+        for p in checked:
+            if int(p.shape[1]) != self.dim:
+                raise DataError(f"descriptors have dimension {p.shape[1]}, the index has {self.dim}")
+        return checked
+
     def _blocks(self, x: Any) -> Iterator[np.ndarray]:
-        x = check_matrix(x, "descriptors")
-        if int(x.shape[1]) != self.dim:
-            raise DataError(f"descriptors have dimension {x.shape[1]}, the index has {self.dim}")
-        for start in range(0, int(x.shape[0]), MAX_CHUNK):
-            block = x[start : start + MAX_CHUNK]
-            if isinstance(block, torch.Tensor):
-                block = block.detach().cpu().float().numpy()
-            yield np.ascontiguousarray(block, dtype=np.float32)
+        """Float32 blocks of ``x`` (a matrix or a list of them), converted one block at a time."""
+        for part in self._parts(x):
+            step = max(1, CONVERT_BUDGET // self.dim)
+            for start in range(0, int(part.shape[0]), step):
+                block = part[start : start + step]
+                if isinstance(block, torch.Tensor):
+                    block = block.detach().cpu().float().numpy()
+                yield np.ascontiguousarray(block, dtype=np.float32)
+
+    def train_size(self) -> int:
+        """How many vectors training uses at most (more would be sampled away by faiss)."""
+        try:
+            nlist = int(self.faiss.extract_index_ivf(self.index).nlist)
+        except RuntimeError:  # not an IVF index
+            nlist = 0
+        return max(TRAIN_PER_DIM * self.dim, TRAIN_PER_CENTROID * nlist)
 
     def train(self, descriptors: Any) -> None:
-        """Train the index (IVF centroids, PQ codebooks) on ``descriptors``; no-op when not needed."""
+        """Train the index (IVF centroids, PQ codebooks) on ``descriptors``; no-op when not needed.
+
+        ``descriptors``: a matrix or a list of them (e.g. a float16 store's parts). At most
+        :meth:`train_size` rows are used, evenly spaced, converted to float32 part by part.
+        """
         if self.index.is_trained:
             return
-        blocks = list(self._blocks(descriptors))
-        self.index.train(blocks[0] if len(blocks) == 1 else np.concatenate(blocks))
+        parts = self._parts(descriptors)
+        n = sum(int(p.shape[0]) for p in parts)
+        rows = np.unique(np.linspace(0, n - 1, num=min(n, self.train_size())).round().astype(np.int64))
+        sample = np.empty((rows.size, self.dim), dtype=np.float32)
+        start = 0
+        for part in parts:
+            inside = rows[(rows >= start) & (rows < start + int(part.shape[0]))]
+            picked = part[torch.from_numpy(inside - start)] if isinstance(part, torch.Tensor) else part[inside - start]
+            if isinstance(picked, torch.Tensor):
+                picked = picked.detach().cpu().float().numpy()
+            sample[np.searchsorted(rows, inside)] = picked
+            start += int(part.shape[0])
+        self.index.train(sample)
 
     def add(self, descriptors: Any) -> None:
-        """Append descriptors; trains on them first if the index is untrained."""
+        """Append descriptors (a matrix or a list of them); trains on them first if untrained."""
         if not self.index.is_trained:
             self.train(descriptors)
         for block in self._blocks(descriptors):

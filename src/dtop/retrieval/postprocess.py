@@ -27,6 +27,7 @@ from dtop.retrieval.whitening import (
     fit_learned_whitening,
     fit_pca_whitening,
     load_whitening,
+    result_dtype,
     save_whitening,
 )
 
@@ -110,11 +111,11 @@ def alpha_database_augmentation(
 
     The neighbours are searched in the original database (x itself is its own first neighbour)
     by chunked exact search (``chunk_size`` database rows per block, None: automatic). Returns
-    float32 ``(n, d)``.
+    ``(n, d)`` in float32, or 16-bit like a 16-bit database (computed in float32 block by block).
     """
     _check_k_alpha(k, alpha, "alpha_database_augmentation")
     check_descriptor_tensor(database, "database")
-    out = torch.empty(database.shape, dtype=torch.float32, device=database.device)
+    out = torch.empty(database.shape, dtype=result_dtype(database), device=database.device)
     if database.shape[0] == 0:
         return out
     scores, indices = _knn(database, database, k, chunk_size, device)

@@ -32,6 +32,11 @@ APPLY_CHUNK = 65536  # rows per block when whitening
 _STATS_CHUNK = 16384  # rows per float64 block when accumulating whitening statistics
 
 
+def result_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of processed descriptors: float32, but a 16-bit store stays 16-bit (half the memory)."""
+    return x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
 def check_descriptor_tensor(x: torch.Tensor, name: str) -> None:
     """Raise :class:`DataError` unless ``x`` is a 2-d tensor ``(n, d)`` of descriptors."""
     if not isinstance(x, torch.Tensor) or x.ndim != 2:
@@ -74,7 +79,10 @@ class Whitening:
     def apply(
         self, x: torch.Tensor, normalize: bool = True, chunk_size: int = APPLY_CHUNK
     ) -> torch.Tensor:
-        """Whiten ``x`` (n, d) in row blocks: subtract the mean, project, L2-normalise. Float32 out."""
+        """Whiten ``x`` (n, d) in row blocks: subtract the mean, project, L2-normalise.
+
+        Computed in float32 block by block; the result is float32, or 16-bit like a 16-bit ``x``.
+        """
         check_descriptor_tensor(x, "descriptors")
         if x.shape[1] != self.input_dim:
             raise DataError(
@@ -83,7 +91,7 @@ class Whitening:
             )
         mean = self.mean.to(x.device, torch.float32)
         proj_t = self.projection.to(x.device, torch.float32).T
-        out = torch.empty(x.shape[0], self.output_dim, dtype=torch.float32, device=x.device)
+        out = torch.empty(x.shape[0], self.output_dim, dtype=result_dtype(x), device=x.device)
         for r0 in range(0, x.shape[0], chunk_size):
             y = (x[r0:r0 + chunk_size].to(torch.float32) - mean) @ proj_t
             out[r0:r0 + y.shape[0]] = F.normalize(y, dim=1) if normalize else y
