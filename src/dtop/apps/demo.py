@@ -1,85 +1,187 @@
 """``dtop demo``: dtop's whole job on built-in data, offline, in a few minutes on a CPU.
 
-1. generate the built-in benchmark (:mod:`dtop.apps.synthetic`, revisited format + training split);
-2. train the tiny DToP on the training split, and the CLS-only and GeM-tokens heads the same way;
-3. evaluate them and the untrained tiny DToP under the revisited protocol;
-4. print the results table and write the HTML report.
-
-The time budget (``minutes``) is split between the three trainings; each stops when its share is
-spent (the learning-rate schedule spans the configured epochs, see :mod:`dtop.engine.train`).
+Generate the built-in benchmark, train DToP and its baselines for the same fixed number of steps,
+evaluate them with untrained references under the revisited protocol, and write the HTML report.
+With the packaged ImageNet weights the models stand on a pretrained EfficientNet-Lite0; without
+them the tiny models train from scratch (docs/apps.md).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dtop.engine.train_config import load_train_config
-from dtop.models.factory import builtin_config_dir
+from dtop.engine.train_config import TrainConfig, load_train_config
+from dtop.models.factory import builtin_config_dir, resolve_model_config
+from dtop.models.sources import packaged_weights
 
-DEMO_HEADS = {"dtop": "dtop_tiny", "cls": "cls_tiny", "gem-tokens": "gem_tokens_tiny"}
+log = logging.getLogger(__name__)
+
+#: Training steps of every trained row: fixed, so that the table is the same for a seed everywhere.
+DEMO_STEPS = 150
 IMAGE_SIZE = 96
+BATCH_SIZE = 32
+#: The packaged weights the pretrained demo needs.
+DEMO_WEIGHTS = ("efficientnet_lite0", "tf_in1k")
 
 
-def _train_config(head: str, data_dir: Path, out: Path, minutes: float, device: str, epochs: int,
-                  max_steps: int | None = None):
+@dataclass(frozen=True)
+class DemoRow:
+    """A row of the demo's table: a registered model, trained by the demo or evaluated as built."""
+
+    label: str
+    model: str
+    trained: bool
+
+
+#: The demo on the pretrained EfficientNet-Lite0 stem (the off-the-shelf CNN first, DToP next).
+PRETRAINED_ROWS = (
+    DemoRow("gem_cnn_lite (off-the-shelf)", "gem_cnn_lite", False),
+    DemoRow("dtop_lite (untrained)", "dtop_lite", False),
+    DemoRow("dtop_lite (trained)", "dtop_lite", True),
+    DemoRow("cls_lite (trained)", "cls_lite", True),
+    DemoRow("gem_tokens_lite (trained)", "gem_tokens_lite", True),
+    DemoRow("gem_cnn_lite (fine-tuned)", "gem_cnn_lite", True),
+)
+#: The from-scratch demo (no pretrained weights available).
+SCRATCH_ROWS = (
+    DemoRow("dtop_tiny (trained)", "dtop_tiny", True),
+    DemoRow("dtop_tiny (untrained)", "dtop_tiny", False),
+    DemoRow("cls_tiny (trained)", "cls_tiny", True),
+    DemoRow("gem_tokens_tiny (trained)", "gem_tokens_tiny", True),
+)
+
+
+@dataclass
+class DemoResult:
+    """What the demo produced: the evaluation payload, its table, the report and the time per stage."""
+
+    payload: dict[str, Any]
+    table: str
+    pretrained: bool
+    report: Path | None = None
+    #: (stage, seconds) in the order the stages ran
+    stages: list[tuple[str, float]] = field(default_factory=list)
+
+    def stage_lines(self) -> list[str]:
+        """One line per stage with its elapsed time, then the total."""
+        lines = [f"{name:<34} {seconds:7.1f} s" for name, seconds in self.stages]
+        return lines + [f"{'total':<34} {sum(s for _, s in self.stages):7.1f} s"]
+
+
+def pretrained_weights_available() -> bool:
+    """True if the packaged ImageNet weights of the demo's stem are installed."""
+    source = packaged_weights(*DEMO_WEIGHTS)
+    return source is not None and source.locate() is not None
+
+
+def train_config(row: DemoRow, data_dir: Path, out: Path, steps: int, device: str, workers: int,
+                 pretrained: bool) -> TrainConfig:
+    """The demo's training recipe for ``row``: normalised softmax, AdamW, ``steps`` steps of 32 images.
+
+    Pretrained parts learn at 0.1× the rate; new layers (the head, a ViT on the CNN stem) at the full one.
+    """
     base = builtin_config_dir().parent / "train" / "tiny.yaml"
-    arch = {"dtop": "dtop", "cls": "cls", "gem-tokens": "gem-tokens"}[head]
     overrides = [
-        f"model.arch={arch}", f"data.root={data_dir}", f"run.out={out}", f"run.max_minutes={minutes}",
-        f"optim.epochs={epochs}", f"run.device={device}", f"data.train_size={IMAGE_SIZE}", "optim.batch_size=32",
-        "optim.lr=0.001", "optim.warmup_steps=20", "loss.margin=0.0", "loss.scale=16",
-        "run.log_every=5", "run.save_every=100000", "run.progress=false",
+        f"data.root={data_dir}", f"run.out={out}", f"run.device={device}", f"data.train_size={IMAGE_SIZE}",
+        f"data.num_workers={workers}", f"optim.batch_size={BATCH_SIZE}", "optim.lr=0.001",
+        f"optim.backbone_lr_mult={0.1 if pretrained else 1.0}", "optim.warmup_steps=10",
+        # a constant rate after the warm-up: the schedule spans far more epochs than the steps reach
+        "optim.epochs=1000", f"run.max_steps={steps}",
+        "loss.margin=0.0", "loss.scale=16", "run.log_every=5", "run.save_every=1000000", "run.progress=false",
     ]
-    if head != "dtop":
-        overrides.append("model.locality=none")
-    if max_steps is not None:
-        overrides.append(f"run.max_steps={max_steps}")
-    return load_train_config(str(base), overrides)
+    cfg = load_train_config(str(base), overrides)
+    cfg.model = resolve_model_config(row.model)
+    return cfg
 
 
-def run_demo(out: str | Path = "runs/demo", minutes: float = 5.0, device: str = "auto", seed: int = 0,
-             epochs: int = 6, benchmark: dict[str, Any] | None = None, report: bool = True,
-             workers: int = 2, max_steps: int | None = None) -> dict[str, Any]:
-    """Run the demo into ``out``; returns the evaluation payload (see :func:`run_evaluation`).
+class _Stages:
+    """Times the demo's stages and logs each as it ends."""
 
-    ``max_steps`` caps each training by steps instead of time only (reproducible, for tests).
+    def __init__(self) -> None:
+        self.times: list[tuple[str, float]] = []
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        log.info("[demo] %s ...", name)
+        start = time.monotonic()
+        yield
+        self.times.append((name, time.monotonic() - start))
+        log.info("[demo] %s: %.1f s", name, self.times[-1][1])
+
+
+def run_demo(out: str | Path = "runs/demo", steps: int = DEMO_STEPS, device: str = "auto", seed: int = 0,
+             benchmark: dict[str, Any] | None = None, report: bool = True, workers: int = 2,
+             pretrained: bool | None = None) -> DemoResult:
+    """Run the demo into ``out`` and return its results.
+
+    ``steps``: training steps of every trained row. ``pretrained``: None uses the packaged ImageNet
+    weights when they are installed; False forces the from-scratch demo.
     """
     from dtop.apps.synthetic import generate_benchmark
     from dtop.engine.evaluate import format_table, run_evaluation
-    from dtop.engine.extract import ExtractSettings
-    from dtop.engine.train import train
-    from dtop.models import build_model, load_model
+    from dtop.engine.settings import ExtractSettings
+    from dtop.models import build_model
 
     out = Path(out)
-    start = time.monotonic()
-    bench = generate_benchmark(out / "data", seed=seed, **(benchmark or {}))
+    stage = _Stages()
+    if pretrained is None:
+        pretrained = pretrained_weights_available()
+        if not pretrained:
+            source = packaged_weights(*DEMO_WEIGHTS)
+            hint = source.install_hint() if source is not None else ""
+            log.warning("no pretrained weights (%s): running the from-scratch demo with the tiny models", hint)
+    rows = PRETRAINED_ROWS if pretrained else SCRATCH_ROWS
+    with stage("generate the benchmark"):
+        bench = generate_benchmark(out / "data", seed=seed, **(benchmark or {}))
     data_root, name, train_dir = Path(bench["root"]), bench["name"], Path(bench["train_dir"])
-    print(f"[demo] benchmark {name}: {bench['counts']} ({time.monotonic() - start:.0f} s)", flush=True)
-
-    share = max(0.1, minutes * 0.8 / len(DEMO_HEADS))  # 80 % of the budget trains, the rest evaluates
-    models, runs = [], {}
-    for head, config_name in DEMO_HEADS.items():
-        run_dir = out / "train" / head
-        cfg = _train_config(head, train_dir, run_dir, share, device, epochs, max_steps)
-        cfg.data.num_workers = workers
-        print(f"[demo] training {config_name} for up to {share:.1f} min", flush=True)
-        summary = train(cfg, overwrite=True)  # a demo run again into the same --out starts over
-        print(f"[demo]   {summary['steps']} steps, {summary['epochs']} epochs", flush=True)
-        label = f"{config_name} (trained)"
-        models.append((label, str(run_dir / "last.safetensors"), load_model(run_dir / "last.safetensors")))
-        runs[label] = str(run_dir.resolve())
-    models.insert(1, ("dtop_tiny (untrained)", "dtop_tiny", build_model("dtop_tiny")))
+    models: list[tuple[str, str, Any]] = []
+    runs: dict[str, str | None] = {}
+    for row in rows:
+        if not row.trained:
+            with stage(f"build {row.label}"):
+                models.append((row.label, row.model, build_model(row.model)))
+            continue
+        models.append(_train_row(row, train_dir, out, steps, device, workers, pretrained, stage))
+        runs[row.label] = str((out / "train" / _run_name(row)).resolve())
     settings = ExtractSettings(image_size=IMAGE_SIZE, scales=[1.0])
-    payload = run_evaluation(models, data_root, name, out / "evaluation", settings=settings, topk=20,
-                             train_runs=runs, batch_size=32, num_workers=workers, device=device, progress=False)
-    print(format_table(payload["models"]), flush=True)
+    with stage(f"evaluate {len(models)} models"):
+        payload = run_evaluation(models, data_root, name, out / "evaluation", settings=settings, topk=20,
+                                 train_runs=runs, batch_size=BATCH_SIZE, num_workers=workers, device=device,
+                                 progress=False)
+    result = DemoResult(payload, format_table(payload["models"]), pretrained, stages=stage.times)
     if report:
         from dtop.report import build_report
 
-        heat = [(label, model) for label, _, model in models if "untrained" not in label][:2]
-        index = build_report(out / "evaluation", out / "report", topk=10, heatmap_models=heat)
-        print(f"[demo] report: {index}", flush=True)
-    print(f"[demo] done in {(time.monotonic() - start) / 60:.1f} min", flush=True)
-    return payload
+        heat = [(label, model) for label, _, model in models if label.endswith("(trained)")][:2]
+        # the first screen: the trained DToP beside the first untrained row (the off-the-shelf CNN)
+        reference = next(row.label for row in rows if not row.trained)
+        compare = (heat[0][0], reference) if heat else None
+        with stage("write the report"):
+            result.report = build_report(out / "evaluation", out / "report", topk=10, heatmap_models=heat,
+                                         compare=compare)
+    return result
+
+
+def _run_name(row: DemoRow) -> str:
+    return row.model if row.label.endswith("(trained)") else f"{row.model}-{row.label.split('(')[-1].rstrip(')')}"
+
+
+def _train_row(row: DemoRow, train_dir: Path, out: Path, steps: int, device: str, workers: int,
+               pretrained: bool, stage: _Stages) -> tuple[str, str, Any]:
+    """Train ``row`` for ``steps`` steps; its (label, checkpoint, model) for the evaluation."""
+    from dtop.engine.train import train
+    from dtop.models import load_model
+
+    run_dir = out / "train" / _run_name(row)
+    cfg = train_config(row, train_dir, run_dir, steps, device, workers, pretrained)
+    with stage(f"train {row.label.split(' ')[0]} ({steps} steps)"):
+        summary = train(cfg)
+    log.info("[demo]   %s: %d steps, %d epochs", row.label, summary["steps"], summary["epochs"])
+    checkpoint = run_dir / "last.safetensors"
+    return row.label, str(checkpoint), load_model(checkpoint)

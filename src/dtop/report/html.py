@@ -44,6 +44,7 @@ class _Options:
     max_queries: int | None
     heatmap_size: int | None
     progress: bool
+    compare: tuple[str, str] | None = None
 
 
 def build_report(
@@ -57,6 +58,7 @@ def build_report(
     thumb_size: int = DEFAULT_THUMB,
     heatmap_size: int | None = None,
     progress: bool = False,
+    compare: tuple[str, str] | None = None,
 ) -> Path:
     """Write an HTML report of the evaluation in ``eval_dir`` to ``out_dir`` (default ``<eval_dir>/report``).
 
@@ -71,7 +73,7 @@ def build_report(
     """
     out = Path(out_dir) if out_dir is not None else Path(eval_dir) / "report"
     page = collect_report(eval_dir, out, topk, heatmap_models, variant=variant, max_queries=max_queries,
-                          thumb_size=thumb_size, heatmap_size=heatmap_size, progress=progress)
+                          thumb_size=thumb_size, heatmap_size=heatmap_size, progress=progress, compare=compare)
     return write_report(page, out)
 
 
@@ -86,6 +88,7 @@ def collect_report(
     thumb_size: int = DEFAULT_THUMB,
     heatmap_size: int | None = None,
     progress: bool = False,
+    compare: tuple[str, str] | None = None,
 ) -> view.ReportPage:
     """The view model of the report of ``eval_dir``, its images written to ``out_dir/assets``.
 
@@ -104,7 +107,7 @@ def collect_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.html").unlink(missing_ok=True)
-    options = _Options(topk, variant, max_queries, heatmap_size, progress)
+    options = _Options(topk, variant, max_queries, heatmap_size, progress, compare)
     page = make_page(payload, eval_dir, AssetWriter(out, thumb_size), heatmap_models, options)
     page.seconds = time.perf_counter() - start
     return page
@@ -136,10 +139,35 @@ def make_page(
     else:
         queries, more = queries_section(payload, dataset, eval_dir, writer, heat, options)
         notes += more
+    comparison = None
+    if options.compare is not None and dataset is not None:
+        comparison, more = comparison_section(payload, dataset, eval_dir, writer, options)
+        notes += more
     return view.ReportPage(
         dataset_name, view.summary(payload, dataset_name, dataset), view.results_tables(models), training,
-        queries, view.details(payload), notes, view.legend(),
+        queries, view.details(payload), notes, view.legend(), comparison=comparison,
     )
+
+
+def comparison_section(
+    payload: dict[str, Any], dataset: Any, eval_dir: Path, writer: AssetWriter, options: _Options
+) -> tuple[view.Comparison | None, list[str]]:
+    """Three typical queries with the top-k of the two ``options.compare`` models side by side."""
+    names = list(options.compare or ())
+    by_name = {str(e["name"]): e for e in payload["models"]}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        return None, [f"No comparison: {', '.join(missing)} not among the evaluated models."]
+    entries = [by_name[n] for n in names]
+    nq = dataset.n_queries
+    variant = options.variant if options.variant is not None else choose_variant(payload, dataset.name)
+    ranks = [load_ranks(e, variant, eval_dir, nq) for e in entries]
+    aps = [((e["results"].get(variant) or {}).get("medium") or {}).get("aps") or [] for e in entries]
+    chosen = view.comparison_queries(aps[0], aps[1])
+    no_heatmaps = HeatmapMaker([], 0)
+    queries = [_query(qi, dataset, entries, ranks, variant, writer, no_heatmaps, options.topk) for qi in chosen]
+    return view.Comparison(names, "the 25th, 50th and 75th percentile of the AP difference", queries,
+                           options.topk), []
 
 
 def training_views(

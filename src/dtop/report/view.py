@@ -155,6 +155,32 @@ class QueriesSection:
     colorbar: ImageRef | None = None
 
 
+@dataclass
+class Comparison:
+    """The first screen's side-by-side: a few queries with the top-k of two models each."""
+
+    models: list[str]
+    chosen: str
+    queries: list[QueryView]
+    topk: int = 10
+
+
+def comparison_queries(ap_first: Sequence[float | None], ap_second: Sequence[float | None], n: int = 3) -> list[int]:
+    """Queries at evenly spaced quantiles of the AP difference (first − second), so typical, not picked.
+
+    With ``n`` = 3: the 25th, 50th and 75th percentile of the difference, in that order.
+    """
+    diffs = [((number(a) or 0.0) - (number(b) or 0.0), qi) for qi, (a, b) in enumerate(zip(ap_first, ap_second))]
+    diffs.sort()
+    chosen: list[int] = []
+    for k in range(1, n + 1):
+        if diffs:
+            qi = diffs[round(k / (n + 1) * (len(diffs) - 1))][1]
+            if qi not in chosen:
+                chosen.append(qi)
+    return chosen
+
+
 @dataclass(frozen=True)
 class LegendItem:
     """A ground-truth category of retrieved images, as the legend shows it."""
@@ -186,6 +212,7 @@ class ReportPage:
     notes: list[str] = field(default_factory=list)
     legend: list[LegendItem] = field(default_factory=list)
     seconds: float = 0.0
+    comparison: Comparison | None = None
 
 
 def percent(v: Any) -> str:
