@@ -4,14 +4,49 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import re
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, get_args
 
 from dtop.engine.settings import Amp, ExtractSettings, ScalePool, StorageDtype, load_extract_settings
 from dtop.errors import ConfigError
 
 if TYPE_CHECKING:
+    from dtop.data.revisited import RevisitedDataset
     from dtop.models.base import RetrievalModel
+
+#: A ``key=value`` config override: a dotted name, then ``=`` (``qe:k=5`` or ``runs/lr=0.1/x`` are not).
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
+#: Ranges of the runtime options (a batch of 4096 images at 1024 px already needs ~40 GB).
+RUNTIME_RANGES: dict[str, tuple[int, int]] = {"batch_size": (1, 4096), "workers": (0, 256), "shard_size": (1, 10**7)}
+
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer from ``low`` to ``high`` (refused before any work)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number greater than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number greater than 0, got {text}")
+    return value
 
 
 def parse_size(text: str, *, min_height: int = 16, min_width: int = 16, option: str = "--size") -> tuple[int, int]:
@@ -32,7 +67,61 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """``--model`` and config overrides."""
     p.add_argument("--model", required=True,
                    help="a checkpoint (.safetensors), a model config YAML or a registered name (dtop info --list)")
-    p.add_argument("overrides", nargs="*", help="model config overrides key=value (configs only)")
+    p.add_argument("overrides", nargs="*", help="model config overrides key=value or model.key=value (configs only)")
+
+
+def split_overrides(argv: Sequence[str], parser: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
+    """``(argv without overrides, overrides)``: every ``key=value`` that is not the value of an option.
+
+    An override after an option of several values (``--model a b key=value``, ``--scales 1 2 key=value``)
+    would otherwise be taken for one of them; the value of a one-value option (``--search-params
+    nprobe=16``) stays where it is.
+    """
+    options = {o: a for a in parser._actions for o in a.option_strings}
+    rest: list[str] = []
+    overrides: list[str] = []
+    takes_value = False
+    for i, token in enumerate(argv):
+        if token == "--":
+            rest.extend(argv[i:])
+            break
+        if takes_value:
+            rest.append(token)
+            takes_value = False
+        elif token.startswith("-") and len(token) > 1:
+            name = token.split("=", 1)[0]
+            matches = [a for o, a in options.items() if o == name] or \
+                [a for o, a in options.items() if o.startswith(name) and name.startswith("--")]
+            action = matches[0] if len({id(a) for a in matches}) == 1 else None
+            takes_value = action is not None and "=" not in token and action.nargs in (None, 1)
+            rest.append(token)
+        elif OVERRIDE.match(token):
+            overrides.append(token)
+        else:
+            rest.append(token)
+    return rest, overrides
+
+
+def model_overrides(overrides: Sequence[str] | None) -> list[str]:
+    """Model-config overrides as the model commands take them: ``dim=256`` or, as in training configs
+    and hints, ``model.dim=256``."""
+    return [o[len("model."):] if o.startswith("model.") else o for o in overrides or []]
+
+
+def add_dataset_args(g: argparse._ActionsContainer, required: bool) -> None:
+    """``--dataset`` and ``--data-root``, with one rule for every command that reads a revisited dataset."""
+    g.add_argument("--dataset", required=required,
+                   help="roxford5k | rparis6k (found under --data-root) | path of a revisited-format folder")
+    g.add_argument("--data-root", default=".",
+                   help="folder holding roxford5k/ and rparis6k/ (default: the current folder; not needed "
+                   "when --dataset is a path)")
+
+
+def open_dataset(args: argparse.Namespace) -> RevisitedDataset:
+    """The revisited dataset of ``--dataset`` / ``--data-root``."""
+    from dtop.data.revisited import RevisitedDataset
+
+    return RevisitedDataset(args.data_root, args.dataset)
 
 
 def add_extraction_args(p: argparse.ArgumentParser) -> None:
@@ -54,11 +143,14 @@ def add_extraction_args(p: argparse.ArgumentParser) -> None:
                    help=f"storage precision (default {defaults.dtype})")
     g.add_argument("--exif-transpose", action=argparse.BooleanOptionalAction, default=None,
                    help="apply EXIF orientation (phone photos; default off)")
-    g.add_argument("--batch-size", type=int, default=8, help="images per forward pass (per size bucket)")
-    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding workers")
+    g.add_argument("--batch-size", type=int_in(*RUNTIME_RANGES["batch_size"]), default=8,
+                   help="images per forward pass (per size bucket)")
+    g.add_argument("--workers", type=int_in(*RUNTIME_RANGES["workers"]), default=min(4, os.cpu_count() or 1),
+                   help="decoding workers")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--amp", choices=get_args(Amp), default="auto", help="autocast (auto: bf16 on CUDA, off on CPU)")
-    g.add_argument("--shard-size", type=int, default=1000, help="images per store shard (resume granularity)")
+    g.add_argument("--shard-size", type=int_in(*RUNTIME_RANGES["shard_size"]), default=1000,
+                   help="images per store shard (resume granularity)")
     g.add_argument("--skip-bad", action="store_true", help="leave unreadable images out instead of failing")
     g.add_argument("--overwrite", action="store_true", help="replace a store made with another model/settings")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -83,4 +175,4 @@ def load_cli_model(args: argparse.Namespace) -> RetrievalModel:
     """The model named by ``--model`` (with overrides)."""
     from dtop.models import create_model
 
-    return create_model(args.model, list(args.overrides or []))
+    return create_model(args.model, model_overrides(args.overrides))

@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any
 
+from dtop.cli.common import int_in
 from dtop.data.formats import TRAINING_FORMATS
 from dtop.errors import DataError
 from dtop.utils.io import write_json
@@ -102,8 +103,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--label-column", default="label", help="CSV column of labels (default label)")
     p.add_argument("--exclude", default=None, help="file of landmark ids to leave out (gldv2-clean)")
     p.add_argument("--split", default="train", help="SfM-120k split: train or val (default train)")
-    p.add_argument("--min-images-per-class", type=int, default=1, help="drop smaller classes (default 1)")
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all CPUs)")
+    p.add_argument("--min-images-per-class", type=int_in(1), default=1, help="drop smaller classes (default 1)")
+    p.add_argument("--workers", type=int_in(1, 256), default=None, help="decoding processes (default: all CPUs)")
     p.add_argument("--no-decode", action="store_true", help="only check that the files exist (fast)")
     p.add_argument("--json", default=None, metavar="FILE",
                    help="also write the report as JSON to FILE ('-': JSON on stdout, text on stderr)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dtop.cli.common import int_in, positive_float
 from dtop.data.download import BASE_URL_ENV, CATALOGUE, download_dataset
 
 _EPILOG = f"""\
@@ -68,7 +69,7 @@ def register(subparsers) -> None:
         action="store_true",
         help="keep the downloaded archives in ROOT/<dataset>/.download/ after extraction",
     )
-    p.add_argument("--retries", type=int, default=5, help="retries per file on network errors (default 5)")
-    p.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
+    p.add_argument("--retries", type=int_in(0, 100), default=5, help="retries per file on network errors (default 5)")
+    p.add_argument("--timeout", type=positive_float, default=60.0, help="network timeout in seconds (default 60)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

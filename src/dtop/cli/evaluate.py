@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dtop.cli.common import add_extraction_args, runtime_kwargs, settings_from_args
+from dtop.cli.common import (
+    add_dataset_args,
+    add_extraction_args,
+    int_in,
+    model_overrides,
+    runtime_kwargs,
+    settings_from_args,
+)
 
 
 def model_name(spec: str) -> str:
@@ -23,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     init_distributed(args.device)
     models = []
     for spec in args.model:
-        model = create_model(spec, list(args.overrides or []))
+        model = create_model(spec, model_overrides(args.overrides))
         models.append((model_name(spec), spec, model))
     out = Path(args.out or f"runs/evaluate/{Path(args.dataset).name}")
     payload = run_evaluation(
@@ -44,9 +51,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model", nargs="+", required=True,
                    help="checkpoints, config YAMLs or registered names (several: compared side by side)")
-    p.add_argument("overrides", nargs="*", help="model config overrides key=value (configs only)")
-    p.add_argument("--dataset", required=True, help="roxford5k | rparis6k | path of a revisited-format folder")
-    p.add_argument("--data-root", default=".", help="folder holding <dataset>/jpg and the gnd file")
+    p.add_argument("overrides", nargs="*", help="model config overrides key=value or model.key=value (configs only)")
+    add_dataset_args(p, required=True)
     p.add_argument("--r1m", help="root of the revisitop1m distractors (adds the +1M results)")
     p.add_argument("--out", help="output folder (default runs/evaluate/<dataset>)")
     p.add_argument("--cache", help="descriptor cache folder (default <out>/descriptors)")
@@ -57,6 +63,6 @@ def register(subparsers) -> None:
                    "Then at most one re-ranking step of each query's top results: diffusion (k=50 graph "
                    "neighbours, trunc=10000 re-ranked, kq, alpha, gamma, ivf=N for an approximate graph) or "
                    "superglobal (m=400 re-ranked, k, kq, beta), e.g. qe:k=2 diffusion:k=50")
-    p.add_argument("--topk", type=int, default=100, help="ranks kept for the report (default 100)")
+    p.add_argument("--topk", type=int_in(1), default=100, help="ranks kept for the report (default 100)")
     add_extraction_args(p)
     p.set_defaults(func=run)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 
 from dtop.cli.common import (
+    add_dataset_args,
     add_extraction_args,
     add_model_args,
     load_cli_model,
+    open_dataset,
     runtime_kwargs,
     settings_from_args,
 )
@@ -23,11 +25,7 @@ def run(args: argparse.Namespace) -> int:
     init_distributed(args.device)
     bbxs = None
     if args.dataset:
-        from dtop.data.revisited import RevisitedDataset
-
-        if not args.data_root:
-            raise ConfigError("--dataset needs --data-root (the folder that holds <dataset>/jpg)")
-        ds = RevisitedDataset(args.data_root, args.dataset)
+        ds = open_dataset(args)
         if args.split == "queries":
             paths, bbxs = ds.query_paths, ds.query_bbxs
         else:
@@ -35,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.images:
         paths = read_image_list(args.images)
     else:
-        raise ConfigError("give --images DIR|LIST or --dataset NAME --data-root DIR")
+        raise ConfigError("give --images DIR|LIST, or --dataset roxford5k|rparis6k|PATH (with --data-root DIR "
+                          "for a name)")
     model = load_cli_model(args)
     store = extract_to_store(model, paths, args.out, bbxs=bbxs, settings=settings_from_args(args),
                              **runtime_kwargs(args))
@@ -55,8 +54,7 @@ def register(subparsers) -> None:
     add_model_args(p)
     src = p.add_argument_group("images")
     src.add_argument("--images", help="an image folder or a text file with one path per line")
-    src.add_argument("--dataset", help="roxford5k | rparis6k | path of a dataset in the revisited format")
-    src.add_argument("--data-root", help="folder holding the dataset folders (with --dataset)")
+    add_dataset_args(src, required=False)
     src.add_argument("--split", choices=["queries", "database"], default="database",
                      help="with --dataset: queries (cropped to bbx) or database (whole)")
     p.add_argument("--out", required=True, help="store directory")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dtop.cli.common import parse_size
+from dtop.cli.common import model_overrides, parse_size
 
 
 def run(args: argparse.Namespace) -> int:
@@ -14,7 +14,7 @@ def run(args: argparse.Namespace) -> int:
     from dtop.models.info import format_summary, model_summary
 
     height, width = parse_size(args.size)
-    model = create_model(args.model, args.overrides, pretrained=False)
+    model = create_model(args.model, model_overrides(args.overrides), pretrained=False)
     summary = model_summary(model, height, width)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
         "Builds the architecture only; no pretrained weights are fetched.",
     )
     p.add_argument("model", nargs="?", default="dtop_hybrid", help="registered name, config YAML or checkpoint")
-    p.add_argument("overrides", nargs="*", help="model config overrides, key=value (e.g. dim=256)")
+    p.add_argument("overrides", nargs="*", help="model config overrides, key=value or model.key=value (e.g. dim=256)")
     p.add_argument("--size", default="512x384", metavar="HxW",
                    help="input size for GFLOPs, HxW: height x width (default 512x384)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dtop.cli.common import int_in
+
 if TYPE_CHECKING:
     import torch
 
@@ -14,11 +16,9 @@ if TYPE_CHECKING:
 
 
 def _device(name: str) -> torch.device:
-    import torch
+    from dtop.engine.runtime import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return resolve_device(name)
 
 
 def _heatmap_models(args: argparse.Namespace) -> list[tuple[str, RetrievalModel]] | None:
@@ -73,14 +73,15 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("eval_dir", help="output folder of `dtop evaluate` (holds results.json and the ranks)")
     p.add_argument("--out", help="report folder (default <eval_dir>/report)")
-    p.add_argument("--topk", type=int, default=10, help="retrieved images shown per query and model (default 10)")
+    p.add_argument("--topk", type=int_in(1), default=10, help="retrieved images shown per query and model (default 10)")
     p.add_argument("--heatmaps", nargs="*", metavar="MODEL", default=None,
                    help="checkpoints or registered config names whose attention on each query is shown; "
                    "given without MODEL: the evaluated models (their spec in results.json)")
     p.add_argument("--variant", help="dataset variant whose ranks are shown per query (default: without +1M)")
-    p.add_argument("--max-queries", type=int, help="show only the first N queries")
-    p.add_argument("--thumb-size", type=int, default=144, help="thumbnail longer side in pixels (default 144)")
-    p.add_argument("--heatmap-size", type=int,
+    p.add_argument("--max-queries", type=int_in(1), help="show only the first N queries")
+    p.add_argument("--thumb-size", type=int_in(16, 1024), default=144,
+                   help="thumbnail longer side in pixels (default 144)")
+    p.add_argument("--heatmap-size", type=int_in(16, 4096),
                    help="model input longer side for heatmaps (default: the evaluation's, at most 512)")
     p.add_argument("--device", default="cpu", help="device for heatmap models: cpu | cuda | cuda:N | auto")
     p.add_argument("--no-progress", action="store_true", help="no progress messages")

@@ -28,10 +28,22 @@ class Runtime:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``auto`` → CUDA when available, else CPU; anything else as torch reads it."""
+    """``None``/``auto`` → CUDA when available, else CPU; anything else as torch reads it, checked to exist."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from err
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {device!r}: no CUDA GPU is available here; use cpu (or auto)")
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r}: Apple's MPS is not available here; use cpu (or auto)")
+    return dev
 
 
 def resolve_amp(amp: str, device: torch.device) -> ResolvedAmp:

@@ -113,8 +113,9 @@ def _read_header(path: Path, raw: str | None) -> dict[str, Any]:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         found = header.get("format") if isinstance(header, dict) else "not a JSON object"
         raise CheckpointError(
-            f"{path} is a safetensors file without a dtop configuration (format={found!r}). "
-            "If it holds backbone weights, pass it as model.pretrained=<path> in a model config."
+            f"{path} is a safetensors file without a dtop configuration (format={found!r}). If it holds "
+            f"backbone weights, give a model config or name and the file as its weights: --model NAME "
+            f"model.pretrained={path}"
         )
     if header.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
