@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ import torch
 from dtop.data.images import round_to_multiple
 from dtop.errors import ConfigError, DataError
 from dtop.retrieval.search import search
+
+if TYPE_CHECKING:
+    from dtop.data.training import TrainingSet
 
 Describe = Callable[[list[int]], Any]
 STATE_VERSION = 1
@@ -350,6 +353,15 @@ def pairs_from_labels(labels: Sequence[int] | np.ndarray) -> tuple[np.ndarray, n
     if not qidxs:
         raise DataError("no class has two images: the contrastive protocol needs (query, positive) pairs")
     return np.concatenate(qidxs), np.concatenate(pidxs)
+
+
+def training_pairs(training_set: TrainingSet) -> tuple[np.ndarray, np.ndarray]:
+    """The (query, positive) pairs of a training set: its own (SfM-120k ``qidxs``/``pidxs``), else
+    :func:`pairs_from_labels` of its labels."""
+    extras = training_set.extras
+    if "qidxs" in extras and "pidxs" in extras:
+        return np.asarray(extras["qidxs"], dtype=np.int64), np.asarray(extras["pidxs"], dtype=np.int64)
+    return pairs_from_labels(training_set.labels)
 
 
 class TupleBatchSampler:
