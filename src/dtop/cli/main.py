@@ -18,7 +18,7 @@ from dtop.errors import DtopError
 
 # Order is the order of `dtop --help`.
 COMMANDS: list[str] = [
-    "info", "download", "data", "extract", "score", "evaluate", "index", "search",
+    "info", "download", "data", "extract", "score", "evaluate", "whiten", "index", "search",
     "train", "plot", "demo", "report",
 ]
 

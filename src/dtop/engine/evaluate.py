@@ -20,6 +20,7 @@ from dtop import __version__
 from dtop.data.revisited import RevisitedDataset, load_r1m_list
 from dtop.engine.extract import extract_to_store, settings_digest, settings_record
 from dtop.engine.settings import ExtractSettings
+from dtop.engine.whiten import warn_on_mismatch
 from dtop.models.base import WHITENING_EXTRA, RetrievalModel
 from dtop.models.identity import model_fingerprint
 from dtop.retrieval.metrics import PROTOCOLS, score_and_search
@@ -73,7 +74,9 @@ def evaluate_model(
     settings = settings or ExtractSettings()
     fingerprint = model_fingerprint(model)
     base = Path(cache_dir) / fingerprint / settings_digest(model, settings)
-    _post_processing(post, model)  # a step that cannot run fails now, not after the extraction
+    for step in _post_processing(post, model) or []:  # a step that cannot run fails now, not after extracting
+        if isinstance(step, Whiten) and step.whitening is not None:
+            warn_on_mismatch(step.whitening, model, settings)
     start = time.perf_counter()
     queries, variants, stores = _extract_benchmark(model, dataset, base, settings, r1m_paths, runtime)
     extract_s = time.perf_counter() - start
