@@ -306,12 +306,12 @@ def test_clear_errors(built, photos, tmp_path, capsys):
     err = error(["search", "--index", str(outdated), str(photos.lib_paths[0])])
     assert "format version 0; this dtop reads 1" in err and "--overwrite" in err
     err = error(["search", "--index", str(built), str(tmp_path / "missing.jpg"), *RUN_OPTS])
-    assert "query image not found" in err
+    assert "no query image could be read" in err and "missing.jpg: file not found" in err
     (tmp_path / "garbage.jpg").write_bytes(b"GIF89a but not really")
     err = error(["search", "--index", str(built), str(tmp_path / "garbage.jpg"), *RUN_OPTS])
-    assert "query image(s) unreadable" in err and "garbage.jpg" in err
+    assert "no query image could be read" in err and "garbage.jpg" in err
     err = error(["search", "--index", str(built), str(photos.lib_paths[0]), "--topk", "0"])
-    assert "--topk must be at least 1" in err
+    assert "--topk must be from 1" in err
     err = error(["search", "--index", str(built), str(photos.lib_paths[0]), "--search-params", "nprobe=4", *RUN_OPTS])
     assert "faiss indexes only" in err
     (tmp_path / "plain" / "notes.txt").write_text("mine")

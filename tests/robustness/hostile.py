@@ -235,5 +235,14 @@ def run_dtop(*argv: str | os.PathLike[str]) -> CliResult:
     return result
 
 
+#: Options of a fast extraction for the tests (dtop_tiny at 32 pixels, one scale, no worker processes).
+OPTS = ["--image-size", "32", "--scales", "1", "--workers", "0", "--no-progress"]
+
+
+def build_index(images: Path, out: Path, *extra: str) -> CliResult:
+    """``dtop index build`` of ``images`` into ``out`` with dtop_tiny and :data:`OPTS`."""
+    return run_dtop("index", "build", "--images", images, "--model", "dtop_tiny", "--out", out, *OPTS, *extra)
+
+
 __all__ = ["FORMATS", "CORRUPTIONS", "TRIED", "COMMANDS", "IS_ROOT", "Broken", "Corpus", "broken_images",
-           "make_corpus", "texture", "encode", "fs_accepts", "CliResult", "run_dtop"]
+           "make_corpus", "texture", "encode", "fs_accepts", "CliResult", "run_dtop", "OPTS", "build_index"]

@@ -15,13 +15,7 @@ from dtop.errors import DataError
 from dtop.retrieval.store import DescriptorStore
 from dtop.utils.paths import show_path
 
-from .hostile import TRIED, encode, make_corpus, run_dtop, texture
-
-OPTS = ["--image-size", "32", "--scales", "1", "--workers", "0", "--no-progress"]
-
-
-def build(images: Path, out: Path, *extra: str):  # type: ignore[no-untyped-def]
-    return run_dtop("index", "build", "--images", images, "--model", "dtop_tiny", "--out", out, *OPTS, *extra)
+from .hostile import OPTS, TRIED, make_corpus, run_dtop, texture
 
 
 def searchable(index_dir: Path) -> set[str]:
@@ -33,54 +27,6 @@ def segment_failures(index_dir: Path) -> dict[str, str]:
     for seg in ImageIndex.open(index_dir).segments:
         out.update({f.path: f.reason for f in DescriptorStore.open(index_dir / seg["dir"]).failures()})
     return out
-
-
-@pytest.fixture(scope="module")
-def hostile(tmp_path_factory):  # type: ignore[no-untyped-def]
-    """A corpus with a linked folder of photos outside it, the damaged DDS of the issue, a file the user
-    may not read and a sub-folder that cannot be listed, indexed once (a build costs seconds)."""
-    root = tmp_path_factory.mktemp("hostile")
-    corpus = make_corpus(root / "photos")
-    elsewhere = root / "elsewhere"
-    elsewhere.mkdir()
-    for i in range(2):
-        texture(200 + i).save(elsewhere / f"linked{i}.jpg")
-    (corpus.root / "linked-folder").symlink_to(elsewhere, target_is_directory=True)
-    linked = [corpus.root / "linked-folder" / f"linked{i}.jpg" for i in range(2)]
-    dds = encode(texture(0, (16, 16)), "DDS")
-    (corpus.root / "corrupt-dds.jpg").write_bytes(dds[:80] + bytes(4) + dds[84:])  # PIL: NotImplementedError
-    corpus.bad.append(corpus.root / "corrupt-dds.jpg")
-    (corpus.root / "private").mkdir()
-    texture(7).save(corpus.root / "private" / "hidden-by-permissions.jpg")
-    locked = corpus.root / "locked.jpg"
-    if not locked.exists():
-        texture(8).save(locked)
-        corpus.bad.append(locked)
-    with pytest.MonkeyPatch.context() as mp:
-        denied = deny(mp, [locked], folders=[corpus.root / "private"])
-        assert denied
-        result = build(corpus.root, root / "ix")
-    TRIED["corpus entries (index build)"] += corpus.size + 5
-    return corpus, root / "ix", result, linked
-
-
-def deny(mp: pytest.MonkeyPatch, files: list[Path], folders: list[Path]) -> bool:
-    """Opening ``files`` and listing ``folders`` raise PermissionError (as for a user without the rights;
-    the tests may run as root, who reads everything)."""
-    import builtins
-
-    names = {os.path.abspath(p) for p in files}
-    dirs = {os.path.abspath(p) for p in folders}
-    real_open, real_os_open, real_scandir = builtins.open, os.open, os.scandir
-
-    def check(path: object, which: set[str]) -> None:
-        if isinstance(path, str | bytes | os.PathLike) and os.path.abspath(os.fsdecode(path)) in which:
-            raise PermissionError(13, "Permission denied", os.fsdecode(path))
-
-    mp.setattr(builtins, "open", lambda f, *a, **k: (check(f, names), real_open(f, *a, **k))[1])
-    mp.setattr(os, "open", lambda f, *a, **k: (check(f, names), real_os_open(f, *a, **k))[1])
-    mp.setattr(os, "scandir", lambda p=".": (check(p, dirs), real_scandir(p))[1])
-    return True
 
 
 def test_build_on_hostile_corpus_indexes_every_good_image(hostile):

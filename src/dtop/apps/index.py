@@ -42,9 +42,9 @@ from dtop.apps.index_segments import (
     plan_additions,
     prepare_segment,
 )
-from dtop.engine.extract import extract, extract_to_store
+from dtop.engine.extract import extract_to_store, extract_with_failures
 from dtop.engine.runtime import resolve_device
-from dtop.engine.settings import ExtractSettings
+from dtop.engine.settings import ExtractSettings, check_runtime
 from dtop.errors import ConfigError, DataError
 from dtop.models.base import RetrievalModel
 from dtop.models.identity import model_fingerprint
@@ -54,6 +54,7 @@ from dtop.retrieval.search import search
 from dtop.retrieval.store import Failure
 from dtop.utils.io import write_json
 from dtop.utils.locks import file_lock, utc_now
+from dtop.utils.paths import show_path
 
 
 def _locked(root: Path) -> contextlib.AbstractContextManager[None]:
@@ -90,20 +91,27 @@ class AddReport:
 
 @dataclasses.dataclass
 class SearchResult:
-    """Ranked results of one query: ``paths[i]`` has similarity ``scores[i]``, best first."""
+    """Ranked results of one query: ``paths[i]`` has similarity ``scores[i]``, best first.
+
+    ``error`` says why the query image could not be read (then there are no results).
+    """
 
     query: str
     paths: list[str]
     scores: list[float]
+    error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form: ``{"query", "results": [{"rank", "score", "path"}, …]}``."""
-        return {
+        """JSON form: ``{"query", "results": [{"rank", "score", "path"}, …]}`` (and ``"error"`` if unreadable)."""
+        out: dict[str, Any] = {
             "query": self.query,
             "results": [
                 {"rank": i + 1, "score": float(s), "path": p} for i, (p, s) in enumerate(zip(self.paths, self.scores))
             ],
         }
+        if self.error is not None:
+            out["error"] = self.error
+        return out
 
 
 class ImageIndex:
@@ -274,8 +282,8 @@ class ImageIndex:
         self,
         images: Sequence[str | os.PathLike],
         *,
-        batch_size: int = 8,
-        num_workers: int = 2,
+        batch_size: int | None = None,
+        num_workers: int | None = None,
         device: str | None = None,
         amp: str = "auto",
         shard_size: int = 1000,
@@ -287,6 +295,7 @@ class ImageIndex:
         Resumes the half-written segment of a killed run when the images to add are the same.
         Rebuilds the faiss index (engine ``faiss``). Returns what was done.
         """
+        check_runtime({"batch_size": batch_size, "num_workers": num_workers, "shard_size": shard_size})
         with _locked(self.root):
             self.meta = read_index_meta(self.root)  # what other writers committed
             plan = self.plan(images)
@@ -452,29 +461,37 @@ class ImageIndex:
     ) -> list[SearchResult]:
         """Extract query images with the index's model and settings (whole image) and search them.
 
-        ``post``: post-processing and re-ranking at query time (see :meth:`search`).
+        ``post``: post-processing and re-ranking at query time (see :meth:`search`). An unreadable
+        query gets a result with its ``error`` and no matches, the others are searched; only when no
+        query can be read is it a :class:`DataError`.
         """
-        names = [str(p) for p in images]
+        names = [os.fsdecode(p) for p in images]
         if not names:
             raise ConfigError("give at least one query image")
-        for p in names:
-            if not Path(p).is_file():
-                raise DataError(f"query image not found: {p}; check the path")
         db = self._database()
         if not db.paths:
             self.search(np.zeros((1, 1), dtype=np.float32), topk)  # raises the "empty index" error
         model = self.load_model()
-        try:
-            desc = extract(model, names, settings=self.settings, batch_size=batch_size, num_workers=num_workers,
-                           device=device, amp=amp, progress=progress)
-        except DataError as err:
-            raise DataError(f"query image(s) unreadable: {err}. Give image files dtop can read") from err
-        scores, indices = self.search(desc.numpy(), topk, exact=exact, search_params=search_params, device=device,
-                                      post=post)
+        desc, failures = extract_with_failures(model, names, settings=self.settings, batch_size=batch_size,
+                                               num_workers=num_workers, device=device, amp=amp, progress=progress)
+        failed = {f.index: f.reason for f in failures}
+        readable = [i for i in range(len(names)) if i not in failed]
+        if not readable:
+            first = failures[0]
+            more = f"; and {len(failures) - 1} more" if len(failures) > 1 else ""
+            raise DataError(f"no query image could be read ({show_path(first.path)}: {first.reason}{more}); "
+                            "give image files dtop can read")
+        scores, indices = self.search(desc[readable].numpy(), topk, exact=exact, search_params=search_params,
+                                      device=device, post=post)
+        rows = dict(zip(readable, zip(scores, indices)))
         results = []
-        for q, s_row, i_row in zip(names, scores, indices):
+        for i, q in enumerate(names):
+            if i in failed:
+                results.append(SearchResult(q, [], [], error=failed[i]))
+                continue
+            s_row, i_row = rows[i]
             keep = i_row >= 0
-            results.append(SearchResult(q, [db.paths[i] for i in i_row[keep]], [float(s) for s in s_row[keep]]))
+            results.append(SearchResult(q, [db.paths[j] for j in i_row[keep]], [float(s) for s in s_row[keep]]))
         return results
 
 

@@ -18,10 +18,13 @@ from dtop.errors import ConfigError
 
 def run(args: argparse.Namespace) -> int:
     """Extract and report the store."""
+    from dtop.cli.index import check_runtime_args, display_path, print_failures, print_listed
     from dtop.data.folders import read_image_list
     from dtop.engine.extract import extract_to_store
     from dtop.engine.runtime import init_distributed
 
+    check_runtime_args(args)
+    settings = settings_from_args(args)  # both checked before any work
     init_distributed(args.device)
     bbxs = None
     if args.dataset:
@@ -32,15 +35,16 @@ def run(args: argparse.Namespace) -> int:
             paths = ds.database_paths
     elif args.images:
         paths = read_image_list(args.images)
+        print_listed(args.images, paths)
     else:
         raise ConfigError("give --images DIR|LIST, or --dataset roxford5k|rparis6k|PATH (with --data-root DIR "
                           "for a name)")
     model = load_cli_model(args)
-    store = extract_to_store(model, paths, args.out, bbxs=bbxs, settings=settings_from_args(args),
-                             **runtime_kwargs(args))
-    n_fail = len(store.failures())
-    print(f"{store.num_images} images, {store.descriptor_dim}-d descriptors in {args.out}"
-          + (f" ({n_fail} unreadable, left out)" if n_fail else ""))
+    store = extract_to_store(model, paths, args.out, bbxs=bbxs, settings=settings, **runtime_kwargs(args))
+    failures = store.failures()
+    print(f"{store.num_images} images, {store.descriptor_dim}-d descriptors in {display_path(args.out)}"
+          + (f"; {len(failures)} unreadable, left out:" if failures else ""))
+    print_failures(failures, f"{display_path(args.out)}/manifest.json")
     return 0
 
 

@@ -5,40 +5,40 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from dtop.apps.index_format import ENGINES
 from dtop.cli.common import add_extraction_args, add_model_args, load_cli_model, settings_from_args
-from dtop.engine.settings import Amp
-from dtop.errors import ConfigError
+from dtop.engine.settings import Amp, check_runtime
 from dtop.utils.paths import show_path
 
 if TYPE_CHECKING:
     from dtop.apps.index import AddReport, ImageIndex
     from dtop.data.folders import ImageList
+    from dtop.retrieval.store import Failure
 
 MAX_LISTED_FAILURES = 10
-#: Ranges of the runtime options (a batch of 4096 images at 1024 px already needs ~40 GB).
-RUNTIME_RANGES: dict[str, tuple[int, int]] = {"batch_size": (1, 4096), "workers": (0, 256), "shard_size": (1, 10**7)}
 
 
 def check_runtime_args(args: argparse.Namespace) -> None:
-    """Refuse a runtime option out of :data:`RUNTIME_RANGES` before any work is done."""
-    for key, (low, high) in RUNTIME_RANGES.items():
-        value = getattr(args, key, None)
-        if value is not None and not low <= value <= high:
-            option = "--" + key.replace("_", "-")
-            raise ConfigError(f"{option} must be an integer from {low} to {high}, got {value}")
+    """Refuse ``--batch-size``, ``--workers`` or ``--shard-size`` out of range, before any work is done."""
+    values = {"batch_size": args.batch_size, "num_workers": args.workers,
+              "shard_size": getattr(args, "shard_size", None)}
+    check_runtime(values, {"batch_size": "--batch-size", "num_workers": "--workers", "shard_size": "--shard-size"})
 
 
 def add_runtime_args(p: argparse.ArgumentParser, workers: int | None = None, shard_size: bool = True) -> None:
     """Runtime options of commands whose extraction settings come from an index (not from the command line)."""
     g = p.add_argument_group("runtime")
-    default_workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    g.add_argument("--batch-size", type=int, default=8, help="images per forward pass (per size bucket)")
-    g.add_argument("--workers", type=int, default=default_workers,
-                   help=f"decoding workers (default {default_workers})")
+    # workers None (index build/add): batch size and workers default to the device's (engine.runtime)
+    device_defaults = workers is None
+    g.add_argument("--batch-size", type=int, default=None if device_defaults else 8,
+                   help="images per forward pass (per size bucket; default "
+                   + ("1 on a CPU, 8 on a GPU)" if device_defaults else "8)"))
+    g.add_argument("--workers", type=int, default=workers,
+                   help=f"decoding workers (default {'1 on a CPU, 4 on a GPU' if device_defaults else workers})")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--amp", choices=get_args(Amp), default="auto", help="autocast (auto: bf16 on CUDA, off on CPU)")
     if shard_size:
@@ -54,6 +54,14 @@ def display_path(path: str | os.PathLike) -> str:
         return show_path(Path(path).relative_to(Path.cwd()))
     except ValueError:
         return show_path(path)
+
+
+def print_failures(failures: Sequence[Failure], where: str) -> None:
+    """Print the first unreadable images, one per line with the reason; say ``where`` the rest are listed."""
+    for f in failures[:MAX_LISTED_FAILURES]:
+        print(f"  {display_path(f.path)}: {f.reason}")
+    if len(failures) > MAX_LISTED_FAILURES:
+        print(f"  … and {len(failures) - MAX_LISTED_FAILURES} more (listed in {where})")
 
 
 def print_listed(source: str | os.PathLike, images: ImageList) -> None:
@@ -97,11 +105,7 @@ def print_add_report(index: ImageIndex, report: AddReport) -> None:
         if report.failures:
             print(f"{name}: {len(report.failures)} unreadable image(s) skipped (fix them and run `dtop index add` "
                   "again):")
-            for f in report.failures[:MAX_LISTED_FAILURES]:
-                print(f"  {display_path(f.path)}: {f.reason}")
-            if len(report.failures) > MAX_LISTED_FAILURES:
-                more = len(report.failures) - MAX_LISTED_FAILURES
-                print(f"  … and {more} more (listed in the segment's manifest.json)")
+            print_failures(report.failures, "the segment's manifest.json")
     model = index.meta["model"]
     n_seg = len(index.meta["segments"])
     print(f"{name}: {len(index)} searchable image(s) in {n_seg} segment(s); {model['descriptor_dim']}-d, "

@@ -3,27 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtop.cli.index import add_runtime_args, display_path
+from dtop.cli.index import MAX_LISTED_FAILURES, add_runtime_args, check_runtime_args, display_path, print_listed
 from dtop.errors import ConfigError
 
 if TYPE_CHECKING:
     from dtop.apps.index import SearchResult
 
 
+#: Most results per query (the ranked lists are printed and kept in memory).
+MAX_TOPK = 100_000
+
+
 def _query_paths(items: list[str]) -> list[str]:
-    """Query images: files as given; a folder stands for all images in it."""
+    """Query images: files as given (an unreadable one is reported with the results); a folder stands
+    for all images in it (what its listing skipped is printed)."""
     from dtop.data.folders import list_images
 
     out: list[str] = []
     for item in items:
         if Path(item).is_dir():
             found = list_images(item)
+            print_listed(item, found)
             if not found:
-                raise ConfigError(f"the query folder {item} holds no images")
+                raise ConfigError(f"the query folder {display_path(item)} holds no images")
             out.extend(str(p) for p in found)
         else:
             out.append(item)
@@ -35,7 +42,9 @@ def format_results(results: Sequence[SearchResult]) -> str:
     lines = []
     for r in results:
         lines.append(f"query {display_path(r.query)}")
-        if not r.paths:
+        if r.error is not None:
+            lines.append(f"  (unreadable: {r.error})")
+        elif not r.paths:
             lines.append("  (no results)")
         for rank, (path, score) in enumerate(zip(r.paths, r.scores), 1):
             lines.append(f"  {rank:>3}  {score:.4f}  {display_path(path)}")
@@ -48,10 +57,15 @@ def run(args: argparse.Namespace) -> int:
     from dtop.apps.index import ImageIndex
     from dtop.utils.io import write_json
 
-    if args.topk < 1:
-        raise ConfigError(f"--topk must be at least 1, got {args.topk}")
+    if not 1 <= args.topk <= MAX_TOPK:
+        raise ConfigError(f"--topk must be from 1 to {MAX_TOPK}, got {args.topk}")
+    check_runtime_args(args)
     index = ImageIndex.open(args.index)
     queries = _query_paths(args.images)
+    if args.sheet:  # a sheet too large to draw is refused now, not after the search
+        from dtop.report.contact_sheet import check_sheet
+
+        check_sheet(len(queries), 1 + args.topk, args.thumb)
     post = None
     if args.post:  # a bare whiten takes the whitening saved with the index's model, as in dtop evaluate
         from dtop.engine.evaluate import _post_processing
@@ -61,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, num_workers=args.workers, device=args.device, amp=args.amp,
                           progress=not args.no_progress and len(queries) > 50, post=post)
     print(format_results(results))
+    unreadable = [r for r in results if r.error is not None]
+    if unreadable:
+        listed = "; ".join(f"{display_path(r.query)}: {r.error}" for r in unreadable[:MAX_LISTED_FAILURES])
+        print(f"dtop search: warning: {len(unreadable)} of {len(results)} query image(s) unreadable, searched the "
+              f"others: {listed}", file=sys.stderr)
     if args.json:
         write_json(args.json, {
             "index": str(index.root.resolve()),
@@ -93,7 +112,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--topk", type=int, default=10, help="results per query (default 10)")
     p.add_argument("--json", metavar="OUT.json", help="also write the results as JSON")
     p.add_argument("--sheet", metavar="OUT.png", help="also write a contact sheet of the results")
-    p.add_argument("--thumb", type=int, default=160, help="contact sheet thumbnail size in pixels (default 160)")
+    p.add_argument("--thumb", type=int, default=160,
+                   help="contact sheet thumbnail size in pixels, 32 to 1024 (default 160)")
     p.add_argument("--exact", action="store_true", help="exact search even if the index has a faiss index")
     p.add_argument("--search-params", default=None, help="faiss search parameters, e.g. nprobe=32")
     p.add_argument("--post", nargs="+", default=[], metavar="STEP",

@@ -30,12 +30,13 @@ from dtop.data.images import (
     to_uint8_tensor,
 )
 from dtop.engine.runtime import autocast_context, barrier, dist_info, resolve_device
-from dtop.engine.settings import DEFAULT_SCALES, ExtractSettings, ScalePool
+from dtop.engine.settings import DEFAULT_SCALES, ExtractSettings, ScalePool, check_runtime
 from dtop.errors import ConfigError, DataError
 from dtop.models.base import RetrievalModel
 from dtop.models.identity import model_fingerprint
 from dtop.models.layers import GeM, l2n
 from dtop.retrieval.store import DescriptorStore, Failure
+from dtop.utils.paths import show_path
 
 log = logging.getLogger(__name__)
 
@@ -307,13 +308,16 @@ def extract_to_store(
     Finished shards of a matching store are skipped (resume); a store of another model or other
     settings is an error unless ``overwrite``. Unreadable images are recorded in the manifest; the
     run then fails naming them, unless ``skip_bad`` (their rows stay zero and invalid).
-    ``max_shards`` stops after that many shards (for tests of interrupted runs).
+    ``max_shards`` stops after that many shards (for tests of interrupted runs). Every shard this
+    writer was given is written (each image a descriptor or a failure with its reason), or the run
+    fails: a store is never left incomplete without an error.
     """
+    check_runtime({"batch_size": batch_size, "num_workers": num_workers, "shard_size": shard_size})
     settings = settings or ExtractSettings()
     device = resolve_device(device)
     model = model.to(device).eval()
     rank, world = dist_info()
-    names = [str(p) for p in paths]
+    names = [os.fsdecode(p) for p in paths]
     store_settings = {**settings_record(model, settings), "crops": _crops_digest(bbxs)}
     store = _open_store(out, names, store_settings, model_info(model), rank, shard_size, overwrite)
     shards = store.assigned_shards(rank, world)
@@ -332,6 +336,10 @@ def extract_to_store(
             store.write_shard(shard, descriptors[keep], torch.tensor(work[shard])[keep], failures=failures)
     finally:
         bar.close()
+    unwritten = sorted(set(shards) - set(store.finished_shards()))
+    if unwritten:  # the loader ended early: never let an incomplete store pass for a finished one
+        raise DataError(f"the extraction into {out} ended with {len(unwritten)} shard(s) unwritten (e.g. "
+                        f"{unwritten[:5]}); run the command again to resume")
     barrier()
     if rank == 0:
         store.finalize()
@@ -353,7 +361,7 @@ def _fail_on_unreadable(store: DescriptorStore, out: Path) -> None:
     """Raise a DataError naming the store's unreadable images, if it has any."""
     failures = store.failures()
     if failures:
-        listed = "; ".join(f"{f.path}: {f.reason}" for f in failures[:5])
+        listed = "; ".join(f"{show_path(f.path)}: {f.reason}" for f in failures[:5])
         more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
         raise DataError(
             f"{len(failures)} image(s) could not be read: {listed}{more}. They are listed in "
@@ -384,13 +392,37 @@ def extract(
     """Descriptors (N, d) of ``paths`` in memory (no store).
 
     Unreadable images raise a DataError naming them, or with ``skip_bad`` get an all-zero row
-    (similarity 0 to everything) and a warning.
+    (similarity 0 to everything) and a warning. :func:`extract_with_failures` returns them instead.
     """
+    descriptors, failures = extract_with_failures(model, paths, bbxs, settings, batch_size=batch_size,
+                                                  num_workers=num_workers, device=device, amp=amp, progress=progress)
+    if failures:
+        listed = "; ".join(f"{show_path(f.path)}: {f.reason}" for f in failures[:5])
+        if not skip_bad:
+            raise DataError(f"could not read: {listed}")
+        log.warning("%d unreadable image(s) left as zero descriptors: %s", len(failures), listed)
+    return descriptors
+
+
+def extract_with_failures(
+    model: RetrievalModel,
+    paths: Sequence[str | os.PathLike],
+    bbxs: Sequence[Sequence[float] | None] | None = None,
+    settings: ExtractSettings | None = None,
+    *,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    amp: str = "auto",
+    progress: bool = False,
+) -> tuple[torch.Tensor, list[Failure]]:
+    """Descriptors (N, d) of ``paths`` in memory and the images that could not be read (their rows are zero)."""
+    check_runtime({"batch_size": batch_size, "num_workers": num_workers})
     settings = settings or ExtractSettings()
     device = resolve_device(device)
     model = model.to(device).eval()
     transform = MultiScaleTransform(settings.image_size, settings.scales)
-    dataset = ImageListDataset([str(p) for p in paths], bbxs, transform,
+    dataset = ImageListDataset([os.fsdecode(p) for p in paths], bbxs, transform,
                                exif_transpose=settings.exif_transpose, on_error="skip")
     bar = tqdm(total=len(dataset), unit="img", disable=not progress, dynamic_ncols=True)
     descriptors = torch.zeros(len(dataset), model.descriptor_dim)
@@ -400,13 +432,8 @@ def extract(
             model, dataset, [(0, range(len(dataset)))], settings, batch_size, num_workers, device, amp, bar
         ))
     bar.close()
-    if failures:
-        listed = "; ".join(f"{f.path}: {f.reason}" for f in failures[:5])
-        if not skip_bad:
-            raise DataError(f"could not read: {listed}")
-        log.warning("%d unreadable image(s) left as zero descriptors: %s", len(failures), listed)
-        descriptors[~ok] = 0.0
-    return descriptors
+    descriptors[~ok] = 0.0
+    return descriptors, sorted(failures, key=lambda f: f.index)
 
 
 def describe(
