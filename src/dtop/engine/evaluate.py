@@ -5,10 +5,13 @@ Descriptor stores are cached per model fingerprint and extraction settings (see 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,19 +20,70 @@ import numpy as np
 import torch
 
 from dtop import __version__
+from dtop.data.gnd import GroundTruth
 from dtop.data.revisited import RevisitedDataset, load_r1m_list
 from dtop.engine.extract import extract_to_store, settings_digest, settings_record
 from dtop.engine.settings import ExtractSettings
 from dtop.engine.whiten import warn_on_mismatch
 from dtop.models.base import WHITENING_EXTRA, RetrievalModel
 from dtop.models.identity import model_fingerprint
-from dtop.retrieval.metrics import PROTOCOLS, score_and_search
+from dtop.retrieval.metrics import PROTOCOLS, evaluate_scores, score_and_search
 from dtop.retrieval.postprocess import Diffusion, PostProcessing, Whiten, Whitening
 from dtop.retrieval.rerank import evaluate_reranked
-from dtop.retrieval.search import to_ranks
+from dtop.retrieval.search import RunningTopK, iter_scores, to_ranks
+from dtop.retrieval.store import DescriptorStore, Failure
 from dtop.utils.io import atomic_path, write_json, write_text
+from dtop.utils.paths import show_path
+
+log = logging.getLogger(__name__)
 
 R1M_TAG = "+1m"
+#: How ``dtop evaluate --skip-bad`` scores the images it could not read (results.json states it too).
+UNREADABLE_RULE = ("an unreadable query scores AP 0 and P@k 0; an unreadable database image or distractor is "
+                   "never retrieved: it is ranked after every readable image")
+#: The score given to unreadable database images: below every cosine similarity of unit descriptors.
+UNREADABLE_SCORE = -4.0
+#: How many unreadable images of each kind results.json lists by name (all are counted).
+LISTED_UNREADABLE = 50
+
+
+@dataclasses.dataclass
+class Unreadable:
+    """The images of a benchmark that could not be read: queries, database images, distractors."""
+
+    queries: list[Failure] = dataclasses.field(default_factory=list)
+    database: list[Failure] = dataclasses.field(default_factory=list)
+    distractors: list[Failure] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.queries or self.database or self.distractors)
+
+    def columns(self, n_database: int, with_distractors: bool) -> np.ndarray:
+        """Sorted score columns of the unreadable images: database indices, then ``n_database`` + distractor index."""
+        cols = [f.index for f in self.database]
+        if with_distractors:
+            cols += [n_database + f.index for f in self.distractors]
+        return np.array(sorted(cols), dtype=np.int64)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record of results.json: counts, the first names with their reasons, and the rule."""
+        def listed(failures: list[Failure]) -> dict[str, Any]:
+            return {"count": len(failures), "images": [f.to_dict() for f in failures[:LISTED_UNREADABLE]]}
+
+        return {"queries": listed(self.queries), "database": listed(self.database),
+                "distractors": listed(self.distractors), "rule": UNREADABLE_RULE}
+
+    def summary(self) -> str:
+        """How many of each kind, e.g. ``1 query, 2 database images`` (empty when none)."""
+        return unreadable_summary({"queries": len(self.queries), "database": len(self.database),
+                                   "distractors": len(self.distractors)})
+
+
+def unreadable_summary(counts: dict[str, int]) -> str:
+    """``{"queries": 1, "database": 2, "distractors": 0}`` as ``1 query, 2 database images``."""
+    words = {"queries": ("query", "queries"), "database": ("database image", "database images"),
+             "distractors": ("distractor", "distractors")}
+    return ", ".join(f"{n} {words[k][n != 1]}" for k, n in counts.items() if n)
 
 
 def dataset_tag(dataset: RevisitedDataset) -> str:
@@ -78,7 +132,7 @@ def evaluate_model(
         if isinstance(step, Whiten) and step.whitening is not None:
             warn_on_mismatch(step.whitening, model, settings)
     start = time.perf_counter()
-    queries, variants, stores = _extract_benchmark(model, dataset, base, settings, r1m_paths, runtime)
+    queries, variants, stores, unreadable = _extract_benchmark(model, dataset, base, settings, r1m_paths, runtime)
     extract_s = time.perf_counter() - start
     start = time.perf_counter()
     results, ranks, described, transductive = {}, {}, [], False
@@ -92,10 +146,18 @@ def evaluate_model(
             q, full = pp.process(torch.as_tensor(queries), torch.as_tensor(full))
             db = [full]
             described, transductive = pp.describe(), pp.transductive
-        if pp is None or pp.reranker is None:
+        gnd = _without_queries(dataset.gnd, unreadable.queries)
+        if pp is not None and pp.reranker is not None:  # each list: its re-ranked top, then the rest in plain order
+            if unreadable.database or unreadable.distractors:
+                log.warning("with a re-ranking step, unreadable database images keep zero descriptors (score 0)")
+            results[variant], indices = evaluate_reranked(q, db[0], gnd, pp.reranker, topk)
+        elif unreadable:
+            cols = unreadable.columns(dataset.n_database, variant.endswith(R1M_TAG))
+            results[variant], indices = _score_without(q, db, gnd, topk, cols)
+        else:
             results[variant], indices = score_and_search(q, db, dataset.gnd, topk=topk)  # one pass
-        else:  # each list: its re-ranked top, then the rest in plain order
-            results[variant], indices = evaluate_reranked(q, db[0], dataset.gnd, pp.reranker, topk)
+        if unreadable.queries:
+            results[variant] = _unreadable_queries_score_zero(results[variant], dataset.gnd, unreadable.queries)
         ranks[variant] = to_ranks(indices)
     return {
         "fingerprint": fingerprint,
@@ -103,6 +165,7 @@ def evaluate_model(
         "ranks_arrays": ranks,
         "stores": {k: str(v) for k, v in stores.items()},
         "extraction": settings_record(model, settings),  # scale_pool resolved for this model
+        "unreadable": unreadable.to_dict() if unreadable else None,
         "post": described,
         "transductive": transductive,
         "timing": {"extract_s": extract_s, "search_score_s": time.perf_counter() - start},
@@ -116,24 +179,88 @@ def _extract_benchmark(
     settings: ExtractSettings,
     r1m_paths: list[Path] | None,
     runtime: dict[str, Any],
-) -> tuple[Any, dict[str, list[Any]], dict[str, Path]]:
+) -> tuple[Any, dict[str, list[Any]], dict[str, Path], Unreadable]:
     """Descriptors of the queries and of each database variant (the dataset, and +1M), via stores.
 
-    Returns ``(queries, {variant: [database parts]}, {store role: folder})``.
+    Returns ``(queries, {variant: [database parts]}, {store role: folder}, unreadable images)``; the
+    rows of unreadable images are zero (with ``skip_bad``; without it their extraction fails).
     """
     tag = dataset_tag(dataset)
     stores = {"queries": base / f"{tag}-queries", "database": base / f"{tag}-database"}
-    queries, _ = extract_to_store(model, dataset.query_paths, stores["queries"], bbxs=dataset.query_bbxs,
-                                  settings=settings, **runtime).load()
-    database, _ = extract_to_store(model, dataset.database_paths, stores["database"], settings=settings,
-                                   **runtime).load()
+    unreadable = Unreadable()
+    q_store = extract_to_store(model, dataset.query_paths, stores["queries"], bbxs=dataset.query_bbxs,
+                               settings=settings, **runtime)
+    db_store = extract_to_store(model, dataset.database_paths, stores["database"], settings=settings, **runtime)
+    queries, _ = q_store.load()
+    database, _ = db_store.load()
+    unreadable.queries, unreadable.database = q_store.failures(), db_store.failures()
     variants: dict[str, list[Any]] = {dataset.name: [database]}
     if r1m_paths is not None:
         stores["distractors"] = base / "revisitop1m"
-        distractors, _ = extract_to_store(model, r1m_paths, stores["distractors"], settings=settings,
-                                          **{**runtime, "skip_bad": True}).load(mmap=True)
+        d_store: DescriptorStore = extract_to_store(model, r1m_paths, stores["distractors"], settings=settings,
+                                                    **{**runtime, "skip_bad": True})
+        distractors, _ = d_store.load(mmap=True)
+        unreadable.distractors = d_store.failures()
         variants[dataset.name + R1M_TAG] = [database, distractors]
-    return queries, variants, stores
+    if unreadable:
+        first = (unreadable.queries or unreadable.database or unreadable.distractors)[0]
+        log.warning("%s unreadable (e.g. %s: %s); scored by the rule: %s", unreadable.summary(),
+                    show_path(first.path), first.reason, UNREADABLE_RULE)
+    return queries, variants, stores, unreadable
+
+
+def _without_queries(gnd: GroundTruth, failures: list[Failure]) -> GroundTruth:
+    """``gnd`` with the queries of ``failures`` left without positives or junk (they are scored apart)."""
+    if not failures:
+        return gnd
+    missing = {f.index for f in failures}
+    entries = [{**q, "easy": [], "hard": [], "junk": []} if i in missing else q for i, q in enumerate(gnd.gnd)]
+    return GroundTruth(gnd.imlist, gnd.qimlist, entries, name=gnd.name, source=gnd.source)
+
+
+def _score_without(queries: Any, database: list[Any], gnd: GroundTruth, topk: int, columns: np.ndarray
+                   ) -> tuple[dict[str, Any], np.ndarray]:
+    """:func:`~dtop.retrieval.metrics.score_and_search` with the score ``columns`` (unreadable images)
+    put below every other image, so that they are never retrieved."""
+    best = RunningTopK(int(topk))
+
+    def blocks() -> Iterator[Any]:
+        start = 0
+        for block in iter_scores(queries, database):
+            n = int(block.shape[1])
+            lo, hi = np.searchsorted(columns, [start, start + n])
+            if hi > lo:
+                block = block.clone()
+                block[:, torch.as_tensor(columns[lo:hi] - start, device=block.device)] = UNREADABLE_SCORE
+            yield block
+            best.update(block)
+            start += n
+
+    results = evaluate_scores(blocks(), gnd)
+    return results, best.result()[1]
+
+
+def _unreadable_queries_score_zero(results: dict[str, Any], gnd: GroundTruth, failures: list[Failure]
+                                   ) -> dict[str, Any]:
+    """Results in which each unreadable query (scored without positives) counts with AP 0 and P@k 0."""
+    missing = {f.index for f in failures}
+    out = {}
+    for name, res in results.items():
+        aps = list(res["aps"])
+        n_scored = sum(a is not None for a in aps)
+        for q, truth in enumerate(gnd.protocol(name)):
+            if q in missing and truth[0].size:  # a query without positives here stays unscored
+                aps[q] = 0.0
+        n_all = sum(a is not None for a in aps)
+        if n_all == n_scored:
+            out[name] = res
+            continue
+        total = 0.0
+        for a in aps:  # in query order, as the metrics add
+            total = total + (a or 0.0)
+        mp = {k: (v * n_scored / n_all if n_scored else 0.0) for k, v in res["mp"].items()}
+        out[name] = {**res, "map": total / n_all, "mp": mp, "aps": aps}
+    return out
 
 
 #: Marks a dataset cell of the table whose results used the test images to fit post-processing.
@@ -165,6 +292,11 @@ def format_table(models: list[dict[str, Any]]) -> str:
             lines.append(f"{entry['name']:<{name_w}}{variant_cell(entry, variant):<{variant_w}}{cells}{mps}")
     if any(e.get("transductive") for e in models):
         lines += ["", TRANSDUCTIVE_NOTE]
+    notes = [f"{e['name']}: " + unreadable_summary({k: e["unreadable"][k]["count"] for k in
+                                                    ("queries", "database", "distractors")}) + " unreadable"
+             for e in models if e.get("unreadable")]
+    if notes:
+        lines += ["", *notes, f"  ({UNREADABLE_RULE}; listed in results.json)"]
     return "\n".join(lines)
 
 
