@@ -481,7 +481,7 @@ def test_evaluate_with_reranking_end_to_end(tmp_path, capsys) -> None:
 
 # --------------------------------------------------------------------------------- dtop search
 
-\[email protected]
+@pytest.mark.slow
 def test_search_an_index_with_post_processing(tmp_path, capsys) -> None:
     from PIL import Image
 
