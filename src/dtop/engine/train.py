@@ -10,7 +10,6 @@ import contextlib
 import functools
 import json
 import math
-import shlex
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,12 +21,25 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dtop.engine.cleaning import Cleaning, apply_cleaning, maybe_clean
 from dtop.engine.losses import ContrastiveLoss
 from dtop.engine.mining import TupleBatchSampler
 from dtop.engine.runtime import amp_dtype, autocast_context, init_distributed, resolve_amp
 from dtop.engine.seeding import SeededItems, rng_state, seed_everything, set_rng_state
 from dtop.engine.settings import ExtractSettings
-from dtop.engine.train_config import TrainConfig, resolved_subcenters
+from dtop.engine.train_config import TrainConfig
+from dtop.engine.train_run import (
+    METRICS_FILE,
+    STATE_FILE,
+    check_new_run,
+    clear_run,
+    diverged_hint,
+    metrics_size,
+    no_step_reason,
+    plain,
+    settings_differences,
+    truncate_metrics,
+)
 from dtop.errors import CheckpointError, ConfigError, TrainingError
 from dtop.models import build_model, save_checkpoint
 from dtop.models.base import RetrievalModel
@@ -39,10 +51,6 @@ if TYPE_CHECKING:
 
     BatchSampler = GroupSizeBatchSampler | FixedSizeBatchSampler | TupleBatchSampler
 
-STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.jsonl"
-#: The files of a run folder that a new run (without resume) would replace.
-RUN_FILES = (STATE_FILE, METRICS_FILE, "last.safetensors", "best.safetensors")
 
 
 # ---------------------------------------------------------------------------------------- pieces
@@ -163,12 +171,11 @@ class Trainer:
         self.config = config
         self.out = Path(config.run.out)
         if not resume:
-            self._check_new_run(overwrite)
+            check_new_run(self.out, overwrite)
         runtime = init_distributed(config.run.device)
         self.rank, self.world, self.device = runtime.rank, runtime.world, runtime.device
         if not resume and overwrite and self.rank == 0:
-            for name in RUN_FILES:
-                (self.out / name).unlink(missing_ok=True)
+            clear_run(self.out)
         seed_everything(config.run.seed)
         self.training_set = build_training_set(config)
         self._build_model_and_loss()
@@ -184,11 +191,12 @@ class Trainer:
         self.best: float | None = None
         self.skipped = 0
         self.sampler.set_epoch(0)
+        self.cleaning: Cleaning | None = None  # sub-center ArcFace's cleaning, once done (loss.clean_after_epoch)
         if resume:
             self._load_state()
         elif self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_text(self.out / "config.yaml", yaml.safe_dump(_plain(asdict(config)), sort_keys=False))
+            write_text(self.out / "config.yaml", yaml.safe_dump(plain(asdict(config)), sort_keys=False))
         self.writer = self._tensorboard() if config.run.tensorboard and self.rank == 0 else None
 
     # ---------------------------------------------------------------------------------- set-up
@@ -233,16 +241,6 @@ class Trainer:
             raise ConfigError("run.tensorboard needs the tensorboard package: pip install tensorboard") from err
         return SummaryWriter(str(self.out / "tensorboard"))
 
-    def _check_new_run(self, overwrite: bool) -> None:
-        """Refuse to start a new run over a previous one (its checkpoints and metrics), unless ``overwrite``."""
-        found = [name for name in RUN_FILES if (self.out / name).exists()]
-        if not found or overwrite:
-            return
-        raise ConfigError(
-            f"run.out={self.out} already holds a training run ({', '.join(found)}): add --resume to continue it, "
-            "--overwrite to start over (its files are replaced), or set run.out to a new folder"
-        )
-
     # ---------------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
@@ -257,14 +255,11 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
             "best": self.best, "skipped": self.skipped,
             "rng": rng_state(),
-            "config": json.dumps(_plain(asdict(self.config))),
+            "config": json.dumps(plain(asdict(self.config))),
             # metrics.jsonl up to this state: a resume cuts off what was logged after it (logged again)
-            "metrics_bytes": self._metrics_size(),
+            "metrics_bytes": metrics_size(self.out),
+            "cleaning": None if self.cleaning is None else self.cleaning.state(),
         }
-
-    def _metrics_size(self) -> int:
-        path = self.out / METRICS_FILE
-        return path.stat().st_size if path.is_file() else 0
 
     def save(self) -> None:
         """Write ``last.safetensors`` and ``state.pt`` atomically (rank 0)."""
@@ -286,10 +281,12 @@ class Trainer:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise CheckpointError(f"cannot resume: {path} is not a readable training state ({err})") from err
-        diffs = _settings_differences(json.loads(state["config"]), _plain(asdict(self.config)))
+        diffs = settings_differences(json.loads(state["config"]), plain(asdict(self.config)))
         if diffs:
             raise CheckpointError(f"cannot resume {path}: the run was started with other settings for "
                                   f"{', '.join(diffs[:5])}; resume with the same config")
+        if state.get("cleaning") is not None:  # the cleaned set, sampler and loss first: the states below fit them
+            apply_cleaning(self, Cleaning.from_state(state["cleaning"]))
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -409,7 +406,7 @@ class Trainer:
         if bad:
             raise TrainingError(
                 f"{what} is not finite ({value}) at step {self.step + 1} (epoch {self.epoch}); training stopped "
-                f"before changing the weights. {self._diverged_hint()}"
+                f"before changing the weights. {diverged_hint(self.out, self.config.optim)}"
             )
 
     def _check_finite_weights(self) -> None:
@@ -417,32 +414,14 @@ class Trainer:
         if all(bool(torch.isfinite(p).all()) for p in self.module.parameters()):
             return
         raise TrainingError(f"the weights are not finite after step {self.step} (epoch {self.epoch}); nothing was "
-                            f"saved over {self.out / 'last.safetensors'}. {self._diverged_hint()}")
-
-    def _diverged_hint(self) -> str:
-        o = self.config.optim
-        saved = (f"the last save ({self.out / 'last.safetensors'}) can be resumed with --resume after the change"
-                 if (self.out / STATE_FILE).is_file() else "no checkpoint was saved yet")
-        return (f"Lower optim.lr (now {o.lr:g}){' or use optim.amp=bf16' if o.amp == 'fp16' else ''}, or check "
-                f"the training data; {saved}.")
+                            f"saved over {self.out / 'last.safetensors'}. {diverged_hint(self.out, self.config.optim)}")
 
     def _check_progress(self) -> None:
         """A finished epoch without a single optimiser step is an error (not an untrained checkpoint)."""
         if self.step > 0:
             return
-        d, o = self.config.data, self.config.optim
-        n = len(self.training_set.paths)
-        if self.skipped:
-            command = ["dtop", "data", "check", d.root, "--format", d.format]
-            if d.csv:
-                command += ["--csv", d.csv]
-            if d.exclude:
-                command += ["--exclude", d.exclude]
-            reason = (f"{self.skipped} image(s) of {n} were unreadable and no batch was left; find them with "
-                      f"`{shlex.join(command)}`")
-        else:
-            reason = (f"an epoch of {n} images gives {len(self.sampler)} batch(es) of optim.batch_size={o.batch_size}"
-                      f", fewer than optim.accum_steps={o.accum_steps}; lower optim.batch_size or optim.accum_steps")
+        reason = no_step_reason(self.config.data, self.config.optim, len(self.training_set.paths), self.skipped,
+                                len(self.sampler))
         raise TrainingError(f"training made no optimiser step in epoch {self.epoch}: {reason}. Nothing was saved.")
 
     def _log_step(self, loss: float, bar: tqdm) -> None:
@@ -460,6 +439,7 @@ class Trainer:
         self.epoch += 1
         self.batches_done = 0
         self.sampler.set_epoch(self.epoch)
+        maybe_clean(self)  # at the end of epoch loss.clean_after_epoch
         val = self.config.val
         if val.dataset and self.epoch % val.every_epochs == 0:
             self.validate()
@@ -565,48 +545,6 @@ class Trainer:
                    "val_map_medium": results["medium"]["map"], "val_map_hard": results["hard"]["map"],
                    "val_map": value})
         return value
-
-
-def _settings_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``section.key`` of the model, data and loss settings on which two run configs differ."""
-    for config in (saved, current):
-        # resolved: a state written before the per-loss default holds 1, the config None
-        loss = config["loss"]
-        loss["subcenters"] = resolved_subcenters(loss["name"], loss.get("subcenters"))
-    return [f"{s}.{k}" for s in ("model", "data", "loss") for k in saved[s] if saved[s][k] != current[s].get(k)]
-
-
-def _plain(obj: Any) -> Any:
-    """Tuples → lists, so that configs compare equal after a JSON round trip."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-def truncate_metrics(path: Path, size: int | None, step: int) -> None:
-    """Cut ``metrics.jsonl`` back to what was logged up to the resumed state (``size`` bytes).
-
-    A state written before the size was recorded: keep the records of steps up to ``step`` (an
-    ``end`` record or a cut-off last line goes too).
-    """
-    if not path.is_file():
-        return
-    if size is not None:
-        if path.stat().st_size > size:
-            with open(path, "r+b") as f:
-                f.truncate(size)
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("event") != "end" and record.get("step", 0) <= step:
-            kept.append(line + "\n")
-    write_text(path, "".join(kept))
 
 
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
