@@ -50,12 +50,15 @@ def _check_labels(labels: torch.Tensor, batch: int, num_classes: int) -> torch.T
 # -------------------------------------------------------------------------------------- ArcFace
 
 
-def cosine_logits(embeddings: torch.Tensor, weight: torch.Tensor, subcenters: int = 1) -> torch.Tensor:
+def cosine_logits(
+    embeddings: torch.Tensor, weight: torch.Tensor, subcenters: int = 1, active: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cosines ``(B, C)`` between L2-normalised embeddings ``(B, d)`` and class centres ``(C·K, d)``.
 
     With ``subcenters = K > 1`` the cosine of a class is the maximum over its K sub-centres (rows
-    ``j·K … j·K + K − 1`` of ``weight``). Computed in float32 with autocast disabled; clamped to
-    [-1, 1].
+    ``j·K … j·K + K − 1`` of ``weight``); ``active`` (C·K bool) leaves the others out of the maximum
+    (after cleaning: each class's dominant sub-centre only). Computed in float32 with autocast
+    disabled; clamped to [-1, 1].
     """
     if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:
         raise DataError(
@@ -70,7 +73,10 @@ def cosine_logits(embeddings: torch.Tensor, weight: torch.Tensor, subcenters: in
         w = F.normalize(weight.float(), dim=1)
         cos = x @ w.T
         if k > 1:
-            cos = cos.view(cos.shape[0], -1, k).amax(dim=2)
+            cos = cos.view(cos.shape[0], -1, k)
+            if active is not None:  # below any cosine: an inactive sub-centre is never the maximum
+                cos = cos.masked_fill(~active.view(1, -1, k).to(cos.device), -2.0)
+            cos = cos.amax(dim=2)
         return cos.clamp(-1.0, 1.0)
 
 
@@ -90,16 +96,17 @@ def arcface_logits(
     margin: float,
     scale: float,
     subcenters: int = 1,
+    active: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ArcFace logits ``(B, C)``, float32: ``s·cos θ_j``, and ``s·cos(θ_y + m)`` at each label ``y``.
 
     ``embeddings`` (B, d) and ``weight`` (C·K, d) need not be normalised (they are normalised here).
     ``labels`` (B,) are class indices in [0, C); ``None`` gives the plain scaled cosines (no margin,
-    e.g. for accuracy). ``subcenters`` K > 1: sub-center ArcFace (max over each class's K rows).
-    See docs/engine.md for the θ + m > π rule and numerics.
+    e.g. for accuracy). ``subcenters`` K > 1: sub-center ArcFace (max over each class's K rows, the
+    ``active`` ones if given). See docs/engine.md for the θ + m > π rule and numerics.
     """
     _check_arcface_args(margin, scale, subcenters)
-    cos = cosine_logits(embeddings, weight, subcenters)
+    cos = cosine_logits(embeddings, weight, subcenters, active)
     if labels is None:
         return cos * float(scale)
     labels = _check_labels(labels.to(cos.device), cos.shape[0], cos.shape[1])
@@ -137,15 +144,35 @@ class ArcFaceLoss(nn.Module):
         self.scale = float(scale)
         self.subcenters = int(subcenters)
         self.weight = nn.Parameter(torch.empty(self.num_classes * self.subcenters, self.embedding_dim))
+        # (C·K,) bool after :meth:`keep_subcenters`; not in the state dict (the trainer's state holds
+        # the cleaning and sets it again on resume)
+        self.active: torch.Tensor | None
+        self.register_buffer("active", None, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Xavier-uniform initialisation of the class centres."""
         nn.init.xavier_uniform_(self.weight)
 
+    def keep_subcenters(self, keep: torch.Tensor | None) -> None:
+        """Use only sub-centre ``keep[j]`` of each class ``j`` from now on (``None``: all of them again).
+
+        Sub-center ArcFace's cleaning keeps each class's dominant sub-centre; the others get no
+        logit and no gradient (the weight keeps its shape, so optimiser states stay valid).
+        """
+        if keep is None:
+            self.active = None
+            return
+        keep = torch.as_tensor(keep, dtype=torch.int64).reshape(-1)
+        if keep.numel() != self.num_classes or bool((keep < 0).any() | (keep >= self.subcenters).any()):
+            raise DataError(f"keep_subcenters needs one sub-centre in 0..{self.subcenters - 1} for each of the "
+                            f"{self.num_classes} classes, got {keep.numel()} values")
+        active = F.one_hot(keep, self.subcenters).bool().reshape(-1)
+        self.active = active.to(self.weight.device)
+
     def logits(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Margin logits ``(B, C)`` (plain scaled cosines when ``labels`` is None)."""
-        return arcface_logits(embeddings, self.weight, labels, self.margin, self.scale, self.subcenters)
+        return arcface_logits(embeddings, self.weight, labels, self.margin, self.scale, self.subcenters, self.active)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # noqa: D102
         logits = self.logits(embeddings, labels)
@@ -153,8 +180,9 @@ class ArcFaceLoss(nn.Module):
             return F.cross_entropy(logits, labels.to(logits.device).long())
 
     def extra_repr(self) -> str:  # noqa: D102
+        kept = " (dominant only)" if self.active is not None else ""
         return (
-            f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, subcenters={self.subcenters}, "
+            f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, subcenters={self.subcenters}{kept}, "
             f"margin={self.margin}, scale={self.scale}, variant=threshold"
         )
 

@@ -34,6 +34,8 @@ LearningRate = Annotated[float, Positive, AtMost(1.0, why="AdamW diverges far be
 Fraction = Annotated[float, NonNegative, AtMost(1.0)]
 #: The ArcFace logit scale: published settings are 16 to 64; far beyond, the loss saturates in float32.
 LogitScale = Annotated[float, Positive, AtMost(256.0, why="published settings are 16 to 64")]
+#: An angle in degrees between two directions, in (0, 180).
+Degrees = Annotated[float, Positive, AtMost(180.0, exclusive=True, why="an angle in degrees")]
 #: The largest margin per loss: ArcFace's is an angle (below pi/2, else even a sample on its centre gets
 #: a negative target logit); the contrastive margin is a distance between unit vectors (at most 2).
 MAX_MARGIN = {"arcface": math.pi / 2, "subcenter-arcface": math.pi / 2, "contrastive": 2.0}
@@ -86,6 +88,12 @@ class LossConfig:
     scale: LogitScale = 30.0
     #: Centres per class of sub-center ArcFace (default 3); plain ArcFace has one.
     subcenters: PositiveInt | None = None
+    #: subcenter-arcface: at the end of this epoch, keep each class's dominant sub-centre and drop the
+    #: training images farther than clean_angle from it, then train on (Sub-center ArcFace's
+    #: cleaning; null: never). The dropped images are listed in the run folder.
+    clean_after_epoch: PositiveInt | None = None
+    #: Largest angle (degrees) between an image and its class's dominant sub-centre that is kept.
+    clean_angle: Degrees = 75.0
     #: contrastive: (query, positive) pairs drawn per epoch (null: all), pool size, negatives per query.
     num_queries: PositiveInt | None = 2000
     pool_size: PositiveInt = 20000
@@ -103,6 +111,12 @@ class LossConfig:
             raise ConfigError(
                 f"loss 'arcface' has one centre per class (got loss.subcenters={self.subcenters}); "
                 "use loss.name=subcenter-arcface for several"
+            )
+        if self.clean_after_epoch is not None and (self.name != "subcenter-arcface" or self.resolved_subcenters() < 2):
+            raise ConfigError(
+                "loss.clean_after_epoch drops the images far from their class's dominant sub-centre: it needs "
+                f"loss.name=subcenter-arcface with loss.subcenters >= 2 (got {self.name} with "
+                f"{self.resolved_subcenters()}); or set loss.clean_after_epoch=null"
             )
 
     def resolved_margin(self) -> float:
@@ -197,6 +211,14 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     val: ValConfig = field(default_factory=ValConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        clean = self.loss.clean_after_epoch
+        if clean is not None and clean >= self.optim.epochs:
+            raise ConfigError(
+                f"loss.clean_after_epoch={clean} leaves no epoch to train on the cleaned set "
+                f"(optim.epochs={self.optim.epochs}); clean after an earlier epoch or train longer"
+            )
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "optim": OptimConfig,
