@@ -188,3 +188,22 @@ def test_loader_survives_huge_declared_size(tmp_path):
         load_image(path)
     assert np.all(read_image_sizes([str(path)], progress=False) >= 0)
     TRIED["broken image files"] += 1
+
+
+def test_training_loader_skips_every_hostile_file(corpus: Corpus):
+    """Defect 1 for training: the damaged DDS (NotImplementedError) used to abort `dtop train`, although
+    `dtop data check` promises that training skips unreadable images. Every entry that is not a good
+    image gives None (skipped by the collate function); the good ones load."""
+    from dtop.data.training.dataset import TrainDataset
+    from dtop.data.training.trainingset import TrainingSet
+
+    dds = encode(texture(0, (16, 16)), "DDS")
+    (corpus.root / "corrupt-dds.jpg").write_bytes(dds[:80] + bytes(4) + dds[84:])
+    paths = [*corpus.good, *corpus.bad, *corpus.odd, corpus.root / "corrupt-dds.jpg"]
+    ts = TrainingSet(paths=[str(p) for p in paths], labels=np.zeros(len(paths), dtype=np.int64), num_classes=1,
+                     class_names=["a"])
+    ds = TrainDataset(ts, augment=True, mean=(0.5,) * 3, std=(0.5,) * 3)
+    items = finishes(lambda: [ds[(i, (32, 32))] for i in range(len(paths))], seconds=30)
+    assert all(item is not None for item in items[: len(corpus.good)])
+    assert all(item is None for item in items[len(corpus.good):])
+    TRIED["training loader inputs"] += len(paths)

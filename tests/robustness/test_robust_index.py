@@ -73,7 +73,7 @@ def test_add_commits_only_complete_segments_and_keeps_going(hostile, tmp_path, m
     with monkeypatch.context() as mp:
         mp.setattr(extract_module, "plan_batches", lambda shapes, batch_size: [])
         failed = run_dtop(*argv)
-    assert failed.code == 2 and "unwritten; nothing was added" in failed.err
+    assert failed.code == 2 and "unwritten" in failed.err and len(failed.error_lines) == 1
     assert len(ImageIndex.open(copy).segments) == 1
     result = run_dtop(*argv)
     assert result.code == 0, result.err

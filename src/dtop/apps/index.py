@@ -320,8 +320,8 @@ class ImageIndex:
                 missing = store.missing_shards()
                 raise DataError(
                     f"the extraction of segment {seg_id} ended with {len(missing)} of {store.num_shards} shard(s) "
-                    f"unwritten; nothing was added to {self.root}. Run `dtop index add --index {self.root} "
-                    "--images ...` again to resume"
+                    f"unwritten; nothing was added to {self.root}. Run the same command again to resume (the "
+                    "finished shards are kept)"
                 )
             if store.descriptor_dim is not None:
                 store.load(numpy=True, mmap=True)  # consolidate now: committed segments are never written again

@@ -103,8 +103,8 @@ def read_index_meta(root: Path) -> dict[str, Any]:
     )
     problem = index_meta_problem(meta)
     if problem:
-        raise DataError(f"{path}: {problem} (the file was edited or damaged); rebuild the index with "
-                        "`dtop index build ... --overwrite`")
+        raise DataError(f"{path}: {problem} (the file was edited or damaged); rebuild the index: run the "
+                        "`dtop index build` that made it again, with --overwrite")
     return meta
 
 

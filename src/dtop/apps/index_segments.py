@@ -81,8 +81,8 @@ def known_files(root: Path, segments: Sequence[dict[str, Any]]) -> dict[str, tup
                 raise TypeError("paths must be strings")
             known.update(found)
         except (OSError, KeyError, TypeError, ValueError) as err:  # also not JSON, or not an object
-            raise DataError(f"{path} is missing or damaged ({err}); the index is damaged, rebuild it with "
-                            "`dtop index build ... --overwrite`") from err
+            raise DataError(f"{path} is missing or damaged ({err}); the index is damaged: run the "
+                            "`dtop index build` that made it again, with --overwrite") from err
     return known
 
 
