@@ -45,6 +45,28 @@ def test_extract_without_skip_bad_names_the_files_in_one_line(small_corpus, tmp_
     assert "could not be read" in result.err and "--skip-bad" in result.err
 
 
+def test_fifo_in_an_images_list_never_blocks(small_corpus, tmp_path):
+    """Defect 6 as reported: a FIFO named in an `--images` list file hung extraction forever (its size
+    was read before the regular-file check)."""
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{small_corpus.good[0]}\n{fifo}\n")
+    out: dict = {}  # type: ignore[type-arg]
+    argv = ["extract", "--images", listing, "--model", "dtop_tiny", "--out", tmp_path / "s", "--skip-bad", *OPTS]
+    thread = threading.Thread(target=lambda: out.update(result=run_dtop(*argv)), daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "blocked on the FIFO"
+    assert out["result"].code == 0, out["result"].err
+    failures = DescriptorStore.open(tmp_path / "s").failures()
+    assert [f.path for f in failures] == [str(fifo)] and "not a regular file" in failures[0].reason
+    TRIED["non-regular files"] += 1
+
+
 @pytest.mark.parametrize("kwargs", [{"batch_size": -3}, {"batch_size": 0}, {"num_workers": -1},
                                     {"shard_size": 0}, {"batch_size": 10**9}])
 def test_extract_to_store_checks_its_options_before_any_work(tiny_model, tmp_path, kwargs):

@@ -146,18 +146,8 @@ def evaluate_model(
             q, full = pp.process(torch.as_tensor(queries), torch.as_tensor(full))
             db = [full]
             described, transductive = pp.describe(), pp.transductive
-        gnd = _without_queries(dataset.gnd, unreadable.queries)
-        if pp is not None and pp.reranker is not None:  # each list: its re-ranked top, then the rest in plain order
-            if unreadable.database or unreadable.distractors:
-                log.warning("with a re-ranking step, unreadable database images keep zero descriptors (score 0)")
-            results[variant], indices = evaluate_reranked(q, db[0], gnd, pp.reranker, topk)
-        elif unreadable:
-            cols = unreadable.columns(dataset.n_database, variant.endswith(R1M_TAG))
-            results[variant], indices = _score_without(q, db, gnd, topk, cols)
-        else:
-            results[variant], indices = score_and_search(q, db, dataset.gnd, topk=topk)  # one pass
-        if unreadable.queries:
-            results[variant] = _unreadable_queries_score_zero(results[variant], dataset.gnd, unreadable.queries)
+        reranker = pp.reranker if pp is not None else None
+        results[variant], indices = _score(q, db, dataset, topk, reranker, unreadable, variant.endswith(R1M_TAG))
         ranks[variant] = to_ranks(indices)
     return {
         "fingerprint": fingerprint,
@@ -207,6 +197,24 @@ def _extract_benchmark(
         log.warning("%s unreadable (e.g. %s: %s); scored by the rule: %s", unreadable.summary(),
                     show_path(first.path), first.reason, UNREADABLE_RULE)
     return queries, variants, stores, unreadable
+
+
+def _score(queries: Any, database: list[Any], dataset: RevisitedDataset, topk: int, reranker: Any,
+           unreadable: Unreadable, with_distractors: bool) -> tuple[dict[str, Any], np.ndarray]:
+    """Results and top-``topk`` indices of one database variant, unreadable images scored by the rule."""
+    gnd = _without_queries(dataset.gnd, unreadable.queries)
+    if reranker is not None:  # each list: its re-ranked top, then the rest in plain order
+        if unreadable.database or unreadable.distractors:
+            log.warning("with a re-ranking step, unreadable database images keep zero descriptors (score 0)")
+        results, indices = evaluate_reranked(queries, database[0], gnd, reranker, topk)
+    elif unreadable:
+        cols = unreadable.columns(dataset.n_database, with_distractors)
+        results, indices = _score_without(queries, database, gnd, topk, cols)
+    else:
+        results, indices = score_and_search(queries, database, dataset.gnd, topk=topk)  # one pass
+    if unreadable.queries:
+        results = _unreadable_queries_score_zero(results, dataset.gnd, unreadable.queries)
+    return results, indices
 
 
 def _without_queries(gnd: GroundTruth, failures: list[Failure]) -> GroundTruth:

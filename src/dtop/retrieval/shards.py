@@ -12,7 +12,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ import numpy as np
 import torch
 
 from dtop.errors import ConfigError, DataError
-from dtop.utils.io import atomic_path
+from dtop.utils.io import atomic_path, write_json
+from dtop.utils.locks import utc_now
 from dtop.utils.paths import decode_line, encode_line
 
 FORMAT = "dtop-descriptors"
@@ -127,6 +129,34 @@ def read_images(path: Path) -> list[str]:
         return [decode_line(line) for line in path.read_bytes().split(b"\n")[:-1]]
     except (OSError, ValueError) as err:
         raise DataError(f"{path} is missing or unreadable ({err}); re-extract with --overwrite") from err
+
+
+def new_manifest(model: dict[str, Any], settings: dict[str, Any], dtype: str, names: Sequence[str],
+                 shard_size: int) -> dict[str, Any]:
+    """The fixed keys of the manifest of a new store (with a random ``store_id``)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": utc_now(),
+        "store_id": uuid.uuid4().hex,
+        "model": model,
+        "settings": settings,
+        "dtype": dtype,
+        "num_images": len(names),
+        "images_file": IMAGES,
+        "images_sha256": images_digest(names),
+        "shard_size": shard_size,
+        "num_shards": -(-len(names) // shard_size),
+    }
+
+
+def is_on_disk(root: Path, static: dict[str, Any], store_id: str | None) -> bool:
+    """Whether the manifest at ``root`` is still that of the store with these fixed keys and id."""
+    try:
+        disk = json.loads((root / MANIFEST).read_bytes())
+        return {k: disk.get(k) for k in STATIC_KEYS} == static and disk.get("store_id") == store_id
+    except (OSError, ValueError, AttributeError):  # removed, unreadable, not an object
+        return False
 
 
 def check_manifest(path: Path, manifest: dict[str, Any]) -> None:
@@ -315,6 +345,34 @@ def read_shard_file(path: Path, marker: Path, sha256: str, count: int) -> tuple[
     if desc.ndim != 2 or idx.shape != (desc.shape[0],) or desc.shape[0] != count:
         raise DataError(f"{path} holds {desc.shape[0]} rows, its marker {marker.name} says {count}; {repair}")
     return desc, idx
+
+
+def consolidated_files(root: Path, shards: dict[str, str], shape: tuple[int, int], dtype: np.dtype,
+                       fill: Callable[[np.ndarray, np.ndarray], None]) -> tuple[Path, Path]:
+    """The consolidated ``descriptors.npy`` and ``valid.npy`` of a store, built with ``fill`` unless current.
+
+    They are reused while the shards (``{shard: sha256}``) are those they were built from, each
+    hash-checked when it was read, and the files have the sizes recorded then (a truncated copy is
+    rebuilt).
+    """
+    desc_path, valid_path, key_path = (root / n for n in CONSOLIDATED)
+    try:
+        stored = json.loads(key_path.read_text())
+        if stored == {"shards": shards, "sizes": [desc_path.stat().st_size, valid_path.stat().st_size]}:
+            return desc_path, valid_path
+    except (OSError, ValueError):
+        pass
+    key_path.unlink(missing_ok=True)
+    with atomic_path(desc_path) as tmp_d, atomic_path(valid_path) as tmp_v:
+        out = np.lib.format.open_memmap(tmp_d, mode="w+", dtype=dtype, shape=shape)
+        valid = np.lib.format.open_memmap(tmp_v, mode="w+", dtype=bool, shape=(shape[0],))
+        valid[:] = False
+        fill(out, valid)
+        out.flush()
+        valid.flush()
+        del out, valid
+    write_json(key_path, {"shards": shards, "sizes": [desc_path.stat().st_size, valid_path.stat().st_size]})
+    return desc_path, valid_path
 
 
 def remove_store_files(root: Path) -> None:

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import socket
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -21,7 +20,6 @@ import torch
 
 from dtop.errors import ConfigError, DataError
 from dtop.retrieval.shards import (
-    CONSOLIDATED,
     DEFAULT_SHARD_SIZE,
     DTYPES,
     FORMAT,
@@ -38,12 +36,15 @@ from dtop.retrieval.shards import (
     canonical,
     check_manifest,
     check_marker,
+    consolidated_files,
     damaged_marker,
     dict_differences,
     file_sha256,
     image_names,
     images_digest,
+    is_on_disk,
     marker_path,
+    new_manifest,
     np_dtype,
     pending_path,
     read_images,
@@ -55,7 +56,7 @@ from dtop.retrieval.shards import (
     write_images,
     write_shard_file,
 )
-from dtop.utils.io import atomic_path, read_versioned_json, write_json
+from dtop.utils.io import read_versioned_json, write_json
 from dtop.utils.locks import file_lock, utc_now
 
 
@@ -117,21 +118,7 @@ class DescriptorStore:
                     "use --overwrite to replace it or another output directory (--out)"
                 )
             write_images(root / IMAGES, names)
-            manifest = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "created": utc_now(),
-                "store_id": uuid.uuid4().hex,
-                "model": model_c,
-                "settings": settings_c,
-                "dtype": dtype,
-                "num_images": len(names),
-                "images_file": IMAGES,
-                "images_sha256": images_digest(names),
-                "shard_size": shard_size,
-                "num_shards": -(-len(names) // shard_size),
-            }
-            store = cls(root, manifest)
+            store = cls(root, new_manifest(model_c, settings_c, dtype, names, shard_size))
             store._images = names
             write_json(root / MANIFEST, store.manifest())
         return store
@@ -427,13 +414,7 @@ class DescriptorStore:
 
     def _check_still_there(self) -> None:
         """Raise if the manifest on disk is no longer this store's (removed, or replaced with --overwrite)."""
-        path = self.root / MANIFEST
-        try:
-            disk = json.loads(path.read_bytes())
-            same = {k: disk.get(k) for k in STATIC_KEYS} == self._static and disk.get("store_id") == self._store_id
-        except (OSError, ValueError, AttributeError):
-            same = False
-        if not same:
+        if not is_on_disk(self.root, self._static, self._store_id):
             raise DataError(
                 f"the descriptor store {self.root} was removed or replaced by another process (--overwrite) while "
                 "this one was writing to it; nothing more was written. Run the command again (one writer per --out)"
@@ -503,28 +484,9 @@ class DescriptorStore:
             valid[idx] = True
 
     def _consolidated(self, dim: int) -> tuple[Path, Path]:
-        key: dict[str, Any] = {"shards": {str(i): m["sha256"] for i, m in sorted(self._read_markers().items())}}
-        desc_path, valid_path, key_path = (self.root / n for n in CONSOLIDATED)
-        try:
-            # reused while the shards are those it was built from (each hash-checked when it was read)
-            # and the files have their sizes (a truncated copy is rebuilt)
-            stored = json.loads(key_path.read_text())
-            sizes = [desc_path.stat().st_size, valid_path.stat().st_size]
-            if stored == {**key, "sizes": sizes}:
-                return desc_path, valid_path
-        except (OSError, ValueError):
-            pass
-        key_path.unlink(missing_ok=True)
-        with atomic_path(desc_path) as tmp_d, atomic_path(valid_path) as tmp_v:
-            out = np.lib.format.open_memmap(tmp_d, mode="w+", dtype=np_dtype(self.dtype), shape=(self.num_images, dim))
-            valid = np.lib.format.open_memmap(tmp_v, mode="w+", dtype=bool, shape=(self.num_images,))
-            valid[:] = False
-            self._fill(out, valid, dim)
-            out.flush()
-            valid.flush()
-            del out, valid
-        write_json(key_path, {**key, "sizes": [desc_path.stat().st_size, valid_path.stat().st_size]})
-        return desc_path, valid_path
+        shards = {str(i): m["sha256"] for i, m in sorted(self._read_markers().items())}
+        return consolidated_files(self.root, shards, (self.num_images, dim), np_dtype(self.dtype),
+                                  lambda out, valid: self._fill(out, valid, dim))
 
     def verify(self) -> list[str]:
         """Re-hash every finished shard against its marker; returns the problems found (empty: OK)."""
