@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -46,8 +47,12 @@ def convert_by_order(
     return out
 
 
+@functools.lru_cache(maxsize=4)
 def timm_state_dict(architecture: str) -> dict[str, torch.Tensor]:
-    """The state dict of timm's ``architecture`` (random weights, classifier included): the target keys."""
+    """The state dict of timm's ``architecture`` (random weights, classifier included): the target keys.
+
+    Cached (building the network is the slow part); callers only read its keys, shapes and dtypes.
+    """
     import timm
 
     with torch.random.fork_rng(devices=[]):  # do not advance the caller's RNG
