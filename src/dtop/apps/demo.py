@@ -148,7 +148,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int = DEMO_STEPS, device: str
                 models.append((row.label, row.model, build_model(row.model)))
             continue
         models.append(_train_row(row, train_dir, out, steps, device, workers, pretrained, stage))
-        runs[row.label] = str((out / "train" / _run_name(row)).resolve())
+        runs[row.label] = str((out / "train" / row.model).resolve())
     settings = ExtractSettings(image_size=IMAGE_SIZE, scales=[1.0])
     with stage(f"evaluate {len(models)} models"):
         payload = run_evaluation(models, data_root, name, out / "evaluation", settings=settings, topk=20,
@@ -168,17 +168,13 @@ def run_demo(out: str | Path = "runs/demo", steps: int = DEMO_STEPS, device: str
     return result
 
 
-def _run_name(row: DemoRow) -> str:
-    return row.model if row.label.endswith("(trained)") else f"{row.model}-{row.label.split('(')[-1].rstrip(')')}"
-
-
 def _train_row(row: DemoRow, train_dir: Path, out: Path, steps: int, device: str, workers: int,
                pretrained: bool, stage: _Stages) -> tuple[str, str, Any]:
     """Train ``row`` for ``steps`` steps; its (label, checkpoint, model) for the evaluation."""
     from dtop.engine.train import train
     from dtop.models import load_model
 
-    run_dir = out / "train" / _run_name(row)
+    run_dir = out / "train" / row.model  # each model is trained once
     cfg = train_config(row, train_dir, run_dir, steps, device, workers, pretrained)
     with stage(f"train {row.label.split(' ')[0]} ({steps} steps)"):
         summary = train(cfg)
