@@ -131,3 +131,14 @@ def test_without_skip_bad_the_unreadable_images_are_an_error(damaged, tmp_path):
                       "--out", tmp_path / "eval", *ARGS)
     assert result.code == 2 and len(result.error_lines) == 1
     assert "q1.jpg: empty file" in result.err and "--skip-bad" in result.err
+
+
+@pytest.mark.parametrize("entry", [{"name": 5, "results": {}}, {"name": ["a"], "results": {}},
+                                   {"name": "a", "results": []}, "model"])
+def test_tampered_results_json_is_refused_in_one_line(tmp_path, entry):
+    """Defect 16: non-string model names in results.json were used as they were."""
+    (tmp_path / "results.json").write_text(json.dumps({"models": [entry]}))
+    result = run_dtop("report", tmp_path, "--out", tmp_path / "report")
+    assert result.code == 2 and len(result.error_lines) == 1
+    assert "results.json: models[0] needs a 'name' (a string)" in result.err
+    TRIED["tampered headers"] += 1

@@ -10,7 +10,14 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, get_args
 
-from dtop.engine.settings import Amp, ExtractSettings, ScalePool, StorageDtype, load_extract_settings
+from dtop.engine.settings import (
+    RUNTIME_RANGES,
+    Amp,
+    ExtractSettings,
+    ScalePool,
+    StorageDtype,
+    load_extract_settings,
+)
 from dtop.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -19,8 +26,6 @@ if TYPE_CHECKING:
 
 #: A ``key=value`` config override: a dotted name, then ``=`` (``qe:k=5`` or ``runs/lr=0.1/x`` are not).
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
-#: Ranges of the runtime options (a batch of 4096 images at 1024 px already needs ~40 GB).
-RUNTIME_RANGES: dict[str, tuple[int, int]] = {"batch_size": (1, 4096), "workers": (0, 256), "shard_size": (1, 10**7)}
 
 
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -145,7 +150,7 @@ def add_extraction_args(p: argparse.ArgumentParser) -> None:
                    help="apply EXIF orientation (phone photos; default off)")
     g.add_argument("--batch-size", type=int_in(*RUNTIME_RANGES["batch_size"]), default=8,
                    help="images per forward pass (per size bucket)")
-    g.add_argument("--workers", type=int_in(*RUNTIME_RANGES["workers"]), default=min(4, os.cpu_count() or 1),
+    g.add_argument("--workers", type=int_in(*RUNTIME_RANGES["num_workers"]), default=min(4, os.cpu_count() or 1),
                    help="decoding workers")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--amp", choices=get_args(Amp), default="auto", help="autocast (auto: bf16 on CUDA, off on CPU)")

@@ -18,13 +18,12 @@ from dtop.errors import ConfigError
 
 def run(args: argparse.Namespace) -> int:
     """Extract and report the store."""
-    from dtop.cli.index import check_runtime_args, display_path, print_failures, print_listed
+    from dtop.cli.index import display_path, print_failures, print_listed
     from dtop.data.folders import read_image_list
     from dtop.engine.extract import extract_to_store
     from dtop.engine.runtime import init_distributed
 
-    check_runtime_args(args)
-    settings = settings_from_args(args)  # both checked before any work
+    settings = settings_from_args(args)  # checked before any work
     init_distributed(args.device)
     bbxs = None
     if args.dataset:

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from dtop.apps.index_format import ENGINES
-from dtop.cli.common import add_extraction_args, add_model_args, load_cli_model, settings_from_args
-from dtop.engine.settings import Amp, check_runtime
+from dtop.cli.common import add_extraction_args, add_model_args, int_in, load_cli_model, settings_from_args
+from dtop.engine.settings import RUNTIME_RANGES, Amp
 from dtop.utils.paths import show_path
 
 if TYPE_CHECKING:
@@ -22,27 +22,20 @@ if TYPE_CHECKING:
 MAX_LISTED_FAILURES = 10
 
 
-def check_runtime_args(args: argparse.Namespace) -> None:
-    """Refuse ``--batch-size``, ``--workers`` or ``--shard-size`` out of range, before any work is done."""
-    values = {"batch_size": args.batch_size, "num_workers": args.workers,
-              "shard_size": getattr(args, "shard_size", None)}
-    check_runtime(values, {"batch_size": "--batch-size", "num_workers": "--workers", "shard_size": "--shard-size"})
-
-
 def add_runtime_args(p: argparse.ArgumentParser, workers: int | None = None, shard_size: bool = True) -> None:
     """Runtime options of commands whose extraction settings come from an index (not from the command line)."""
     g = p.add_argument_group("runtime")
     # workers None (index build/add): batch size and workers default to the device's (engine.runtime)
     device_defaults = workers is None
-    g.add_argument("--batch-size", type=int, default=None if device_defaults else 8,
+    g.add_argument("--batch-size", type=int_in(*RUNTIME_RANGES["batch_size"]), default=None if device_defaults else 8,
                    help="images per forward pass (per size bucket; default "
                    + ("1 on a CPU, 8 on a GPU)" if device_defaults else "8)"))
-    g.add_argument("--workers", type=int, default=workers,
+    g.add_argument("--workers", type=int_in(*RUNTIME_RANGES["num_workers"]), default=workers,
                    help=f"decoding workers (default {'1 on a CPU, 4 on a GPU' if device_defaults else workers})")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--amp", choices=get_args(Amp), default="auto", help="autocast (auto: bf16 on CUDA, off on CPU)")
     if shard_size:
-        g.add_argument("--shard-size", type=int, default=1000,
+        g.add_argument("--shard-size", type=int_in(*RUNTIME_RANGES["shard_size"]), default=1000,
                        help="images per shard of the new segment (resume granularity)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -117,8 +110,7 @@ def run_build(args: argparse.Namespace) -> int:
     from dtop.apps.index import ImageIndex
     from dtop.data.folders import read_image_list
 
-    check_runtime_args(args)
-    settings = settings_from_args(args)
+    settings = settings_from_args(args)  # checked before any work
     paths = read_image_list(args.images)
     print_listed(args.images, paths)
     model = load_cli_model(args)
@@ -137,7 +129,6 @@ def run_add(args: argparse.Namespace) -> int:
     from dtop.apps.index import ImageIndex
     from dtop.data.folders import read_image_list
 
-    check_runtime_args(args)
     index = ImageIndex.open(args.index)
     paths = read_image_list(args.images)
     print_listed(args.images, paths)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtop.cli.index import MAX_LISTED_FAILURES, add_runtime_args, check_runtime_args, display_path, print_listed
+from dtop.cli.index import MAX_LISTED_FAILURES, add_runtime_args, display_path, print_listed
 from dtop.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -59,7 +59,6 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.topk <= MAX_TOPK:
         raise ConfigError(f"--topk must be from 1 to {MAX_TOPK}, got {args.topk}")
-    check_runtime_args(args)
     index = ImageIndex.open(args.index)
     queries = _query_paths(args.images)
     if args.sheet:  # a sheet too large to draw is refused now, not after the search

@@ -26,8 +26,10 @@ def load_results(eval_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(payload, dict) or not isinstance(payload.get("models"), list) or not payload["models"]:
         raise DataError(f"{path}: no 'models' list; is this the results.json of `dtop evaluate`?")
     for i, entry in enumerate(payload["models"]):
-        if not isinstance(entry, dict) or "name" not in entry or not isinstance(entry.get("results"), dict):
-            raise DataError(f"{path}: models[{i}] lacks 'name' or 'results'")
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(
+                entry.get("results"), dict):
+            raise DataError(f"{path}: models[{i}] needs a 'name' (a string) and 'results' (an object); the file was "
+                            "edited or damaged: run `dtop evaluate` again")
     return payload
 
 
