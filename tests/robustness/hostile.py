@@ -222,7 +222,7 @@ def run_dtop(*argv: str | os.PathLike[str]) -> CliResult:
     from dtop.cli.main import main
 
     args = [os.fspath(a) for a in argv]
-    COMMANDS[" ".join(["dtop", *[a for a in args[:2] if not a.startswith("-")]][:3])] += 1
+    COMMANDS[" ".join(["dtop", *args[:2 if args[:1] in (["index"], ["data"]) else 1]])] += 1
     out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
     err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace", write_through=True)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
