@@ -1,20 +1,24 @@
-"""Extraction throughput from image files on disk vs the model alone on pre-decoded tensors.
+"""Extraction throughput and model FLOP utilisation: from image files vs the model alone.
 
     python benchmarks/bench_extract.py [--model dtop_hybrid] [--images 64] [--source 1024x768]
         [--image-size 1024] [--scales 0.7071 1 1.4142] [--batch 8] [--workers 2]
-        [--device cpu|cuda] [--amp none|bf16] [--repeats 3]
+        [--device cpu|cuda] [--amp none|bf16] [--repeats 3] [--compile] [--peak-tflops T]
 
-* **files**: :func:`dtop.engine.extract.extract` on JPEG files (half landscape, half portrait,
-  ``--source`` pixels, photo-like content): decoding, multi-scale resizing and normalisation in
-  DataLoader workers, bucketed batches, the model, the scale average.
-* **tensors**: the same model on the same batches of the same tensors, decoded, resized and
+* **files**: :func:`dtop.engine.extract.extract_to_store` on JPEG files (half landscape, half
+  portrait, ``--source`` pixels, photo-like content): decoding, multi-scale resizing and
+  normalisation in DataLoader workers, bucketed batches, the model, the scale average, the store.
+* **model alone**: the same model on the same batches of the same tensors, decoded, resized and
   stacked beforehand (pinned on CUDA): only the model and the host-to-device copies are timed.
 
-Both give the same descriptors (checked). Runs are interleaved and the median is reported. On
-CUDA it also reports the first call inside the extraction loop that makes the host wait for the GPU
-(expected: none; such a wait per batch leaves the GPU idle while the next batch is fetched).
-Target: files / tensors throughput ≥ 0.9 (decoding hidden behind compute). The images/s of the
-files run and the implied time for R1M (1,001,001 images) on this device are printed too.
+Both give the same descriptors (checked). Runs are interleaved and the median is reported.
+FLOPs per image are counted with ``torch.utils.flop_counter.FlopCounterMode`` (attention
+included) for every input size of the run; achieved TFLOP/s are set against the device's dense
+bf16 peak (a table of GPUs in :mod:`dtop.engine.profiling`, or ``--peak-tflops``). Also printed:
+the attention kernel each scale's input runs (flash / efficient; "math" is the slow fallback),
+how full the planned batches are, the compile time apart from the steady runs with
+``--compile``, and on CUDA the first call inside the extraction loop that makes the host wait for
+the GPU (expected: none). Targets: the model alone >= 40 % of the peak; files / model alone
+throughput >= 0.95; the implied time for R1M (1,001,001 images) on this device is printed.
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ from dtop.engine.extract import (
     MultiScaleTransform,
     _Sums,
     collate_groups,
-    extract,
+    extract_to_store,
     input_shapes,
     plan_batches,
 )
+from dtop.engine.profiling import attention_kernels, count_flops, peak_tflops
+from dtop.engine.runtime import Acceleration
 from dtop.models import build_model, resolve_model_config
 from timing import timed
 
@@ -90,34 +96,54 @@ def decode_batches(dataset: ImageListDataset, settings: ExtractSettings, batch_s
     return batches
 
 
-def run_tensors(model, batches, n_items: int, n_scales: int, device, amp) -> torch.Tensor:
+def run_tensors(model, batches, n_items: int, n_scales: int, device, amp, acceleration: Acceleration) -> torch.Tensor:
     """The model on pre-decoded batches, exactly as extraction runs it on the loaded ones."""
-    sums = _Sums(model, n_items, n_scales, device, amp)
-    for batch in batches:
-        for indices, stacks in batch["groups"]:
-            for x in stacks:
-                sums.add(indices, x)
-    return sums.descriptors()
-
-
-def host_waits(model, batches, n_items: int, n_scales: int, device, amp) -> str:
-    """On CUDA: the first call in the extraction loop that makes the host wait for the GPU, or 'none'.
-
-    Such a wait per batch leaves the GPU idle while the next batch is fetched from the loader.
-    """
-    sums = _Sums(model, n_items, n_scales, device, amp)
-    torch.cuda.synchronize(device)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with acceleration.applied(model, device) as forward:
+        sums = _Sums(model, n_items, n_scales, device, amp, None, forward, bool(acceleration.channels_last))
         for batch in batches:
             for indices, stacks in batch["groups"]:
                 for x in stacks:
                     sums.add(indices, x)
-        return "none"
-    except RuntimeError as error:
-        return str(error).splitlines()[0]
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+        return sums.descriptors()
+
+
+def host_waits(model, batches, n_items: int, n_scales: int, device, amp, acceleration: Acceleration) -> str:
+    """On CUDA: the first call in the extraction loop that makes the host wait for the GPU, or 'none'.
+
+    Such a wait per batch leaves the GPU idle while the next batch is fetched from the loader.
+    """
+    with acceleration.applied(model, device) as forward:
+        sums = _Sums(model, n_items, n_scales, device, amp, None, forward, bool(acceleration.channels_last))
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for batch in batches:
+                for indices, stacks in batch["groups"]:
+                    for x in stacks:
+                        sums.add(indices, x)
+            return "none"
+        except RuntimeError as error:
+            return str(error).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def flops_per_image(model, dataset: ImageListDataset, settings: ExtractSettings) -> list[int]:
+    """FLOPs of each image over its scales (one forward pass per scale, batch of one)."""
+    shapes = input_shapes(dataset, list(range(len(dataset))), settings)
+    distinct = {(1, 3, h, w) for sizes in shapes if sizes is not None for w, h in sizes}
+    flops = count_flops(model, sorted(distinct))
+    return [sum(flops[(1, 3, h, w)] for w, h in sizes) if sizes is not None else 0 for sizes in shapes]
+
+
+def batch_fill(dataset: ImageListDataset, settings: ExtractSettings, batch_size: int) -> float:
+    """Images per planned batch over the batch size (1.0: every forward pass full)."""
+    batches = plan_batches(input_shapes(dataset, list(range(len(dataset))), settings), batch_size)
+    return len(dataset) / (len(batches) * batch_size)
+
+
+def verdict(value: float, target: float) -> str:
+    return "met" if value >= target else "NOT MET"
 
 
 def main() -> None:
@@ -132,6 +158,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="channels-last model and inputs (default: on CUDA)")
+    parser.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None,
+                        help="cuDNN autotuning (default: on CUDA)")
+    parser.add_argument("--no-files", action="store_true", help="time the model alone only")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense peak in TFLOP/s (default: from the table of GPUs)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -141,50 +175,85 @@ def main() -> None:
     else:
         model = build_model(dataclasses.replace(resolve_model_config(args.model), pretrained=None)).to(device).eval()
     settings = ExtractSettings(image_size=args.image_size, scales=args.scales)
+    acceleration = Acceleration(args.compile, args.channels_last, args.cudnn_benchmark).resolved(device)
     width, height = (int(v) for v in args.source.split("x"))
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    peak = args.peak_tflops if args.peak_tflops is not None else (peak_tflops(name) if device.type == "cuda" else None)
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_images(Path(tmp), args.images, width, height)
         transform = MultiScaleTransform(settings.image_size, settings.scales)
         dataset = ImageListDataset(paths, None, transform)
         decoded = decode_batches(dataset, settings, args.batch, pin=device.type == "cuda")
         megabytes = sum(p.stat().st_size for p in paths) / 2**20
-        print(f"{args.model} on {gpu}, torch {torch.__version__}, amp {args.amp}: {args.images} JPEGs "
+        print(f"{args.model} on {name}, torch {torch.__version__}, amp {args.amp}: {args.images} JPEGs "
               f"{args.source} ({megabytes / args.images:.2f} MiB each), image size {args.image_size}, "
-              f"scales {[round(s, 4) for s in settings.scales]}, batch {args.batch}, {args.workers} workers; "
-              f"median of {args.repeats} interleaved runs")
+              f"scales {[round(s, 4) for s in settings.scales]}, batch {args.batch}, {args.workers} workers, "
+              f"compile {acceleration.compile}, channels-last {acceleration.channels_last}, cudnn benchmark "
+              f"{acceleration.cudnn_benchmark}; median of {args.repeats} interleaved runs")
+        flops = flops_per_image(model, dataset, settings)
+        total_flops = sum(flops)
+        print(f"FLOPs per image over its scales (attention included): {total_flops / len(flops) / 1e12:.3f} TFLOP")
+        print(f"batch fill (images per planned batch / batch size): {batch_fill(dataset, settings, args.batch):.2f}")
+        shapes = sorted({(1, 3, x.shape[-2], x.shape[-1]) for b in decoded for _, xs in b["groups"] for x in xs})
+        if args.model != "stub":
+            kernels = attention_kernels(model, shapes, device, args.amp)
+            for shape, names in kernels.items():
+                print(f"attention kernel at input {shape[-1]}x{shape[-2]}: "
+                      f"{', '.join(names) if names else 'MATH FALLBACK (no fused kernel)'}")
 
         def files():
-            return extract(model, paths, settings=settings, batch_size=args.batch, num_workers=args.workers,
-                           device=device, amp=args.amp)
+            store = extract_to_store(model, paths, Path(tmp) / "store", settings=settings, batch_size=args.batch,
+                                     num_workers=args.workers, device=device, amp=args.amp, overwrite=True,
+                                     progress=False, shard_size=len(paths), acceleration=acceleration)
+            return store.load()[0]
 
         def tensors():
-            return run_tensors(model, decoded, len(paths), len(settings.scales), device, args.amp)
+            return run_tensors(model, decoded, len(paths), len(settings.scales), device, args.amp, acceleration)
 
-        tensors()  # warm-up: kernels, allocator, autotuning for every bucket shape
+        first, _, _ = timed(tensors, device)  # warm-up: kernels, allocator, autotuning (and compiling)
         t_files, t_tensors, c_files, c_tensors = [], [], [], []
+        from_files = None
         for _ in range(args.repeats):
-            t, c, from_files = timed(files, device)
-            t_files.append(t)
-            c_files.append(c)
+            if not args.no_files:
+                t, c, from_files = timed(files, device)
+                t_files.append(t)
+                c_files.append(c)
             t, c, from_tensors = timed(tensors, device)
             t_tensors.append(t)
             c_tensors.append(c)
         if device.type == "cuda":
-            waits = host_waits(model, decoded, len(paths), len(settings.scales), device, args.amp)
+            waits = host_waits(model, decoded, len(paths), len(settings.scales), device, args.amp, acceleration)
             print(f"host waits for the GPU inside the extraction loop: {waits}")
-    diff = (from_files - from_tensors).abs().max().item()
-    f, m = statistics.median(t_files), statistics.median(t_tensors)
-    cf, cm = (1e3 * statistics.median(c) / args.images for c in (c_files, c_tensors))
-    print(f"{'run':>8} {'s':>8} {'img/s':>8} {'main-thread CPU ms/img':>23}")
-    print(f"{'files':>8} {f:>8.2f} {args.images / f:>8.2f} {cf:>23.1f}")
-    print(f"{'tensors':>8} {m:>8.2f} {args.images / m:>8.2f} {cm:>23.1f}")
-    print(f"loading work left on the thread that drives the model: {cf - cm:.1f} ms/img")
-    print(f"max |descriptor difference| files vs tensors: {diff:.2e}")
-    print(f"ratio files / tensors throughput: {m / f:.3f} (target >= 0.9)")
-    hours = R1M_IMAGES / (args.images / f) / 3600
-    print(f"implied R1M extraction on this device: {hours:.2f} h "
-          f"({R1M_IMAGES:,} images at {args.images / f:.1f} img/s)")
+    m = statistics.median(t_tensors)
+    rows = [("model alone", m, statistics.median(c_tensors))]
+    if t_files:
+        rows.insert(0, ("files", statistics.median(t_files), statistics.median(c_files)))
+    print(f"{'run':>12} {'s':>8} {'img/s':>8} {'TFLOP/s':>9} {'% of peak':>10} {'main-thread CPU ms/img':>23}")
+    for label, seconds, cpu in rows:
+        tflops = total_flops / seconds / 1e12
+        share = f"{100 * tflops / peak:9.1f}%" if peak else f"{'n/a':>10}"
+        print(f"{label:>12} {seconds:>8.2f} {args.images / seconds:>8.2f} {tflops:>9.3g} {share} "
+              f"{1e3 * cpu / args.images:>23.1f}")
+    if acceleration.compile:
+        print(f"compile time (first run minus a steady one): {first - m:.1f} s")
+    if peak:
+        share = total_flops / m / 1e12 / peak
+        print(f"model alone: {100 * share:.1f} % of the {peak:g} TFLOP/s peak (target >= 40 %): {verdict(share, 0.4)}")
+    else:
+        print("model alone: % of peak n/a (unknown device: pass --peak-tflops)")
+    if t_files:
+        f = statistics.median(t_files)
+        diff = (from_files - from_tensors).abs().max().item()
+        print(f"loading work left on the thread that drives the model: "
+              f"{1e3 * (statistics.median(c_files) - statistics.median(c_tensors)) / args.images:.1f} ms/img")
+        print(f"max |descriptor difference| files vs model alone: {diff:.2e}")
+        print(f"ratio files / model alone throughput: {m / f:.3f} (target >= 0.95): {verdict(m / f, 0.95)}")
+        rate = args.images / f
+    else:
+        rate = args.images / m
+    hours = R1M_IMAGES / rate / 3600
+    print(f"implied R1M extraction on this device: {hours:.2f} h ({R1M_IMAGES:,} images at {rate:.1f} img/s"
+          f"{', model alone' if not t_files else ''})")
 
 
 if __name__ == "__main__":

@@ -287,3 +287,136 @@ def test_image_index_on_a_float16_store(tmp_path: Path, tiny_model: torch.nn.Mod
         found[engine] = [r.paths for r in results]
         assert [r.paths[0] for r in results] == [str(p) for p in paths[:4]]  # each finds itself first
     assert found["torch"] == found["faiss"]
+
+
+# ------------------------------------------------------------------------- model FLOPs, kernels
+
+
+def test_flops_are_counted_with_attention() -> None:
+    from dtop.engine.profiling import count_flops
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 4, stride=4)  # 16x16 -> 4x4 tokens of 8 channels
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            t = self.conv(x).flatten(2).transpose(1, 2).reshape(x.shape[0], 16, 2, 4).transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(t, t, t)
+
+    flops = count_flops(Block(), [(2, 3, 16, 16)])[(2, 3, 16, 16)]
+    conv = 2 * (2 * 8 * 4 * 4) * (3 * 4 * 4)  # 2 per multiply-add, per output value
+    attention = 2 * 2 * (2 * 16 * 16 * 4) * 2  # Q K^T and A V: 2 N^2 d each, per head and image
+    assert flops == conv + attention
+
+
+def test_device_peaks() -> None:
+    from dtop.engine.profiling import peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989 and peak_tflops("NVIDIA H200") == 989
+    assert peak_tflops("NVIDIA H100 PCIe") == 756 and peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert peak_tflops("NVIDIA L4") == 121 and peak_tflops("NVIDIA A10") == 125
+    assert peak_tflops("NVIDIA GeForce RTX 4090") == 165 and peak_tflops("NVIDIA L40S") == 362
+    assert peak_tflops("NVIDIA A10G") == 70 and peak_tflops("Some Future GPU") is None
+
+
+@pytest.mark.parametrize("locality", ["conv-ffn", "local-attention"])
+def test_attention_runs_a_fused_kernel_at_every_scale(locality: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from torch.nn.attention import SDPBackend
+
+    from dtop.engine import profiling
+    from dtop.engine.settings import ExtractSettings
+    from dtop.models import build_model, resolve_model_config
+
+    config = dataclasses.replace(resolve_model_config("dtop_tiny"), pretrained=None, locality=locality)
+    model = build_model(config).eval()
+    settings = ExtractSettings(image_size=96)
+    from dtop.data.images import target_size
+
+    shapes = [(1, 3, *target_size(128, 96, settings.image_size * s)[::-1]) for s in settings.scales]
+    kernels = profiling.attention_kernels(model, shapes, torch.device("cpu"))
+    assert all(kernels[s] == ["flash"] for s in shapes), kernels  # the CPU's fused kernel, never math
+    # the check sees a fallback: with only a kernel the CPU lacks before math, math would run
+    monkeypatch.setattr(profiling, "_fused_before_math", lambda: [SDPBackend.EFFICIENT_ATTENTION])
+    assert profiling.attention_kernels(model, shapes[:1], torch.device("cpu")) == {shapes[0]: []}
+    cnn = build_model(dataclasses.replace(resolve_model_config("gem_cnn_lite"), pretrained=None)).eval()
+    assert profiling.attention_kernels(cnn, shapes[:1], torch.device("cpu")) == {shapes[0]: ["none needed"]}
+
+
+# ------------------------------------------------------------------ acceleration, CPU defaults
+
+
+def _photos(folder: Path, n: int) -> list[Path]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        size = (80, 64) if i % 2 else (64, 80)
+        Image.fromarray(rng.integers(0, 255, (8, 10, 3), dtype=np.uint8)).resize(size).save(folder / f"{i}.png")
+        paths.append(folder / f"{i}.png")
+    return paths
+
+
+def test_extraction_acceleration_options(tmp_path: Path, tiny_model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from dtop.engine.extract import extract_to_store
+    from dtop.engine.runtime import Acceleration
+    from dtop.engine.settings import ExtractSettings
+
+    paths = _photos(tmp_path / "img", 4)
+    settings = ExtractSettings(image_size=64)
+    plain = extract_to_store(tiny_model, paths, tmp_path / "plain", settings=settings, num_workers=0,
+                             progress=False).load()[0]
+    nhwc = extract_to_store(tiny_model, paths, tmp_path / "nhwc", settings=settings, num_workers=0, progress=False,
+                            acceleration=Acceleration(channels_last=True)).load()[0]
+    assert torch.allclose(plain, nhwc, atol=1e-5)
+    assert all(p.is_contiguous() for p in tiny_model.parameters())  # the model is given back as it came
+    compiled: list[dict] = []
+
+    def fake_compile(model: torch.nn.Module, **options: object) -> torch.nn.Module:
+        compiled.append(options)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    threads = torch.get_num_threads()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dtop"):
+        again = extract_to_store(tiny_model, paths, tmp_path / "compiled", settings=settings, num_workers=0,
+                                 torch_threads=1, progress=False, acceleration=Acceleration(compile=True)).load()[0]
+    assert compiled == [{"dynamic": True}]  # once, shapes dynamic across the size buckets
+    assert torch.allclose(again, plain, atol=1e-5)  # one torch thread: other summation orders
+    assert torch.get_num_threads() == threads  # restored
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("extraction on")]
+    assert lines == ["extraction on cpu: batch size 1, 0 decoding workers, 1 torch thread, torch.compile"]
+
+
+def test_cpu_defaults() -> None:
+    from dtop.engine.runtime import ExtractionDefaults, cpu_defaults, extraction_defaults
+
+    assert cpu_defaults(2) == ExtractionDefaults(batch_size=1, num_workers=1, torch_threads=1)
+    assert cpu_defaults(1) == ExtractionDefaults(batch_size=1, num_workers=0, torch_threads=1)
+    assert cpu_defaults(8) == ExtractionDefaults(batch_size=1, num_workers=1, torch_threads=7)
+    cpu = torch.device("cpu")
+    given = extraction_defaults(cpu, batch_size=4, num_workers=64)
+    assert (given.batch_size, given.num_workers, given.torch_threads) == (4, 64, 1)  # never more threads than cores
+    gpu = extraction_defaults(torch.device("cuda"))
+    assert gpu.batch_size == 8 and gpu.torch_threads is None
+    assert cpu_defaults(2).describe() == "batch size 1, 1 decoding worker, 1 torch thread"
+
+
+def test_cli_extraction_defaults_come_from_the_device() -> None:
+    from dtop.cli.main import build_parser
+
+    parser = build_parser()
+    for argv in (["extract", "--model", "dtop_tiny", "--images", "x", "--out", "y"],
+                 ["index", "build", "--model", "dtop_tiny", "--images", "x", "--out", "y"]):
+        args, _ = parser.parse_known_args(argv)
+        assert args.batch_size is None and args.workers is None, argv
+    args, _ = parser.parse_known_args(["extract", "--model", "dtop_tiny", "--images", "x", "--out", "y", "--compile"])
+    assert args.compile is True

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, get_args
@@ -148,10 +147,12 @@ def add_extraction_args(p: argparse.ArgumentParser) -> None:
                    help=f"storage precision (default {defaults.dtype})")
     g.add_argument("--exif-transpose", action=argparse.BooleanOptionalAction, default=None,
                    help="apply EXIF orientation (phone photos; default off)")
-    g.add_argument("--batch-size", type=int_in(*RUNTIME_RANGES["batch_size"]), default=8,
-                   help="images per forward pass (per size bucket)")
-    g.add_argument("--workers", type=int_in(*RUNTIME_RANGES["num_workers"]), default=min(4, os.cpu_count() or 1),
-                   help="decoding workers")
+    g.add_argument("--batch-size", type=int_in(*RUNTIME_RANGES["batch_size"]), default=None,
+                   help="images per forward pass (per size bucket; default 1 on a CPU, 8 on a GPU)")
+    g.add_argument("--workers", type=int_in(*RUNTIME_RANGES["num_workers"]), default=None,
+                   help="decoding workers (default 1 on a CPU, torch threads on the other cores; 4 on a GPU)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model, dynamic shapes (minutes of compiling; for long GPU runs)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--amp", choices=get_args(Amp), default="auto", help="autocast (auto: bf16 on CUDA, off on CPU)")
     g.add_argument("--shard-size", type=int_in(*RUNTIME_RANGES["shard_size"]), default=1000,
@@ -171,7 +172,10 @@ def settings_from_args(args: argparse.Namespace) -> ExtractSettings:
 
 def runtime_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of :func:`dtop.engine.extract.extract_to_store` from the parsed options."""
-    return dict(batch_size=args.batch_size, num_workers=args.workers, device=args.device, amp=args.amp,
+    from dtop.engine.runtime import Acceleration  # torch: imported when the command runs
+
+    return dict(acceleration=Acceleration(compile=True) if args.compile else None,
+                batch_size=args.batch_size, num_workers=args.workers, device=args.device, amp=args.amp,
                 skip_bad=args.skip_bad, shard_size=args.shard_size, overwrite=args.overwrite,
                 progress=not args.no_progress)
 

@@ -29,7 +29,15 @@ from dtop.data.images import (
     target_size,
     to_uint8_tensor,
 )
-from dtop.engine.runtime import autocast_context, barrier, dist_info, resolve_device
+from dtop.engine.runtime import (
+    Acceleration,
+    autocast_context,
+    barrier,
+    dist_info,
+    extraction_defaults,
+    intra_op_threads,
+    resolve_device,
+)
 from dtop.engine.settings import DEFAULT_SCALES, ExtractSettings, ScalePool, check_runtime
 from dtop.errors import ConfigError, DataError
 from dtop.models.base import RetrievalModel
@@ -212,8 +220,10 @@ class _Sums:
     """
 
     def __init__(self, model: RetrievalModel, n_items: int, n_scales: int, device: torch.device, amp: str,
-                 power: float | None = None):
+                 power: float | None = None, forward: torch.nn.Module | None = None, channels_last: bool = False):
         self.model, self.device, self.amp, self.n_scales, self.power = model, device, amp, n_scales, power
+        self.forward = model if forward is None else forward  # the model, or its compiled form
+        self.channels_last = channels_last
         self.sums = torch.zeros(n_items, model.descriptor_dim, dtype=torch.float32, device=device)
         self.mean, self.std = channel_tensors(model.mean, model.std, device)
 
@@ -226,8 +236,10 @@ class _Sums:
     def add(self, positions: torch.Tensor, x: torch.Tensor) -> None:
         """Add the descriptors of the uint8 batch ``x`` (B, 3, H, W) to the rows ``positions``."""
         x = normalize(self._to_device(x), self.mean, self.std)
+        if self.channels_last:  # NHWC, as the model's convolution weights (Acceleration)
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(self.device, self.amp):
-            out = self.model(x)
+            out = self.forward(x)
         out = out.float() if self.power is None else out.float().pow(self.power)
         # one row per item in a batch: index_add_ never adds twice to a row in one call (deterministic)
         self.sums.index_add_(0, self._to_device(positions), out)
@@ -237,7 +249,8 @@ class _Sums:
         return l2n(mean if self.power is None else mean.pow(1.0 / self.power)).cpu()
 
 
-def _extract_shards(model, dataset, shards, settings, batch_size, num_workers, device, amp, bar):
+def _extract_shards(model, dataset, shards, settings, batch_size, num_workers, device, amp, bar, forward=None,
+                    channels_last=False):
     """Yield ``(shard, descriptors, ok, failures)`` per shard of ``shards`` = [(shard, indices)], in order.
 
     One DataLoader serves all shards (workers start once); batches never span shards.
@@ -269,7 +282,7 @@ def _extract_shards(model, dataset, shards, settings, batch_size, num_workers, d
             current = batch["shard"]
             indices = order[current]
             position = {index: p for p, index in enumerate(indices)}
-            sums = _Sums(model, len(indices), len(settings.scales), device, amp, power)
+            sums = _Sums(model, len(indices), len(settings.scales), device, amp, power, forward, channels_last)
             ok, failures = torch.ones(len(indices), dtype=torch.bool), []
         for f in batch["failures"]:
             failures.append(Failure(int(f.index), f.path, f.reason))
@@ -293,8 +306,10 @@ def extract_to_store(
     bbxs: Sequence[Sequence[float] | None] | None = None,
     settings: ExtractSettings | None = None,
     *,
-    batch_size: int = 8,
-    num_workers: int = 2,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    torch_threads: int | None = None,
+    acceleration: Acceleration | None = None,
     device: str | torch.device | None = None,
     amp: str = "auto",
     skip_bad: bool = False,
@@ -305,6 +320,9 @@ def extract_to_store(
 ) -> DescriptorStore:
     """Extract descriptors of ``paths`` (cropped to ``bbxs`` where given) into a store at ``out``.
 
+    ``batch_size``, ``num_workers`` and ``torch_threads`` left out take the device's defaults
+    (:func:`dtop.engine.runtime.extraction_defaults`; logged); ``acceleration``: compile,
+    channels-last, cuDNN autotuning (:class:`dtop.engine.runtime.Acceleration`, default on CUDA).
     Finished shards of a matching store are skipped (resume); a store of another model or other
     settings is an error unless ``overwrite``. Unreadable images are recorded in the manifest; the
     run then fails naming them, unless ``skip_bad`` (their rows stay zero and invalid).
@@ -317,6 +335,11 @@ def extract_to_store(
     device = resolve_device(device)
     model = model.to(device).eval()
     rank, world = dist_info()
+    runtime = extraction_defaults(device, batch_size, num_workers, torch_threads)
+    acceleration = (acceleration or Acceleration()).resolved(device)
+    if rank == 0:
+        compiled = ", torch.compile" if acceleration.compile else ""
+        log.info("extraction on %s: %s%s", device, runtime.describe(), compiled)
     names = [os.fsdecode(p) for p in paths]
     store_settings = {**settings_record(model, settings), "crops": _crops_digest(bbxs)}
     store = _open_store(out, names, store_settings, model_info(model), rank, shard_size, overwrite)
@@ -329,11 +352,13 @@ def extract_to_store(
     bar = tqdm(total=sum(len(items) for items in work.values()), unit="img", desc=f"extract {Path(out).name}",
                disable=not progress or rank != 0, dynamic_ncols=True, smoothing=0.1)
     try:
-        for shard, descriptors, ok, failures in _extract_shards(
-            model, dataset, list(work.items()), settings, batch_size, num_workers, device, amp, bar
-        ):
-            keep = ok.nonzero().flatten()
-            store.write_shard(shard, descriptors[keep], torch.tensor(work[shard])[keep], failures=failures)
+        with intra_op_threads(runtime.torch_threads), acceleration.applied(model, device) as forward:
+            for shard, descriptors, ok, failures in _extract_shards(
+                model, dataset, list(work.items()), settings, runtime.batch_size, runtime.num_workers, device, amp,
+                bar, forward, bool(acceleration.channels_last),
+            ):
+                keep = ok.nonzero().flatten()
+                store.write_shard(shard, descriptors[keep], torch.tensor(work[shard])[keep], failures=failures)
     finally:
         bar.close()
     unwritten = sorted(set(shards) - set(store.finished_shards()))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -12,6 +14,8 @@ import torch
 
 from dtop.engine.settings import Amp
 from dtop.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: An autocast mode with ``auto`` resolved for a device.
 ResolvedAmp = Literal["none", "bf16", "fp16"]
@@ -98,3 +102,123 @@ def barrier() -> None:
     """Wait for every process of the group (nothing to wait for without one)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+# ------------------------------------------------------------------------------- extraction runtime
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (its affinity mask, e.g. a container's share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ExtractionDefaults:
+    """Batch size (per size bucket), decoding workers and torch threads (None: torch's own) of an extraction."""
+
+    batch_size: int
+    num_workers: int
+    torch_threads: int | None
+
+    def describe(self) -> str:
+        """One line for the log, e.g. ``batch size 1, 1 decoding worker, 1 torch thread``."""
+        def n(count: int, what: str) -> str:
+            return f"{count} {what}{'' if count == 1 else 's'}"
+        threads = "torch threads as set" if self.torch_threads is None else n(self.torch_threads, "torch thread")
+        return f"batch size {self.batch_size}, {n(self.num_workers, 'decoding worker')}, {threads}"
+
+
+def cpu_defaults(cores: int | None = None) -> ExtractionDefaults:
+    """The extraction defaults on a CPU of ``cores`` cores (default: this process's), in one place.
+
+    Measured with a CNN-stem model at 512 px × 3 scales on 2 cores (79 images): batch 1 beat
+    batch 8 (49.5 s against 74 s: a CPU gains nothing from batching but memory traffic), and two
+    torch threads next to a decoding worker took twice as long as one thread (threads that
+    outnumber the cores wait on each other at every operator). So: one image per forward pass,
+    one decoding worker, torch gets the cores left. ``benchmarks/bench_cpu_defaults.py`` sweeps
+    the alternatives on a machine; the values chosen from it go here.
+    """
+    cores = cores or available_cores()
+    workers = 1 if cores > 1 else 0
+    return ExtractionDefaults(batch_size=1, num_workers=workers, torch_threads=max(1, cores - workers))
+
+
+#: Extraction defaults on a GPU: batches fill the device; workers decode ahead of it.
+GPU_BATCH_SIZE = 8
+GPU_WORKERS = 4
+
+
+def extraction_defaults(
+    device: torch.device, batch_size: int | None = None, num_workers: int | None = None,
+    torch_threads: int | None = None,
+) -> ExtractionDefaults:
+    """The given runtime options of an extraction on ``device``, the others from its defaults.
+
+    On the CPU torch gets the cores the decoding workers leave, never more threads than cores.
+    """
+    cores = available_cores()
+    if device.type == "cpu":
+        base = cpu_defaults(cores)
+        workers = base.num_workers if num_workers is None else num_workers
+        threads = torch_threads if torch_threads is not None else max(1, cores - workers)
+        return ExtractionDefaults(base.batch_size if batch_size is None else batch_size, workers, threads)
+    return ExtractionDefaults(
+        GPU_BATCH_SIZE if batch_size is None else batch_size,
+        min(GPU_WORKERS, cores) if num_workers is None else num_workers,
+        torch_threads,
+    )
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int | None) -> Iterator[None]:
+    """Run with ``count`` torch intra-op threads (None: unchanged), restored afterwards."""
+    previous = torch.get_num_threads()
+    if count is not None and count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """How the model runs during an extraction: ``torch.compile``, channels-last, cuDNN autotuning.
+
+    ``compile`` compiles the model once with dynamic shapes, so the size buckets of an extraction
+    share one graph instead of compiling one each (the first batches then take the compile time).
+    ``channels_last`` and ``cudnn_benchmark`` default (None) to on for CUDA, where convolutions
+    of a CNN stem run faster in NHWC and with autotuned algorithms, and off elsewhere.
+    """
+
+    compile: bool = False
+    channels_last: bool | None = None
+    cudnn_benchmark: bool | None = None
+
+    def resolved(self, device: torch.device) -> Acceleration:
+        """The options with the device's defaults filled in."""
+        cuda = device.type == "cuda"
+        return Acceleration(
+            self.compile,
+            cuda if self.channels_last is None else self.channels_last,
+            cuda if self.cudnn_benchmark is None else self.cudnn_benchmark,
+        )
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
+        """The module to call (compiled if asked), with memory format and cuDNN mode set; restored after."""
+        acc = self.resolved(device)
+        previous = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = bool(acc.cudnn_benchmark)
+        if acc.channels_last:
+            model.to(memory_format=torch.channels_last)
+        try:
+            yield torch.compile(model, dynamic=True) if acc.compile else model  # type: ignore[misc]
+        finally:
+            torch.backends.cudnn.benchmark = previous
+            if acc.channels_last:
+                model.to(memory_format=torch.contiguous_format)
