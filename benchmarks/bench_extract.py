@@ -146,7 +146,7 @@ def verdict(value: float, target: float) -> str:
     return "met" if value >= target else "NOT MET"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dtop_hybrid", help="a model config, or 'stub' (no compute)")
     parser.add_argument("--images", type=int, default=64)
@@ -166,8 +166,82 @@ def main() -> None:
     parser.add_argument("--no-files", action="store_true", help="time the model alone only")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense peak in TFLOP/s (default: from the table of GPUs)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+@dataclasses.dataclass
+class Timings:
+    """Seconds (wall and calling-thread CPU) of each run, the first run, the descriptors of both."""
+
+    files: list[float] = dataclasses.field(default_factory=list)
+    files_cpu: list[float] = dataclasses.field(default_factory=list)
+    tensors: list[float] = dataclasses.field(default_factory=list)
+    tensors_cpu: list[float] = dataclasses.field(default_factory=list)
+    first: float = 0.0
+    from_files: torch.Tensor | None = None
+    from_tensors: torch.Tensor | None = None
+
+
+def measure(args, model, settings, acceleration: Acceleration, device, paths, decoded, tmp: Path) -> Timings:
+    """Interleaved runs from files and of the model alone (after one warm-up of the model alone)."""
+
+    def files():
+        store = extract_to_store(model, paths, tmp / "store", settings=settings, batch_size=args.batch,
+                                 num_workers=args.workers, device=device, amp=args.amp, overwrite=True,
+                                 progress=False, shard_size=len(paths), acceleration=acceleration)
+        return store.load()[0]
+
+    def tensors():
+        return run_tensors(model, decoded, len(paths), len(settings.scales), device, args.amp, acceleration)
+
+    out = Timings()
+    out.first, _, _ = timed(tensors, device)  # warm-up: kernels, allocator, autotuning (and compiling)
+    for _ in range(args.repeats):
+        if not args.no_files:
+            t, c, out.from_files = timed(files, device)
+            out.files.append(t)
+            out.files_cpu.append(c)
+        t, c, out.from_tensors = timed(tensors, device)
+        out.tensors.append(t)
+        out.tensors_cpu.append(c)
+    return out
+
+
+def report(args, timings: Timings, total_flops: int, peak: float | None, compiled: bool) -> None:
+    """The table of runs, the utilisation of the peak, files / model alone and the R1M time."""
+    m = statistics.median(timings.tensors)
+    rows = [("model alone", m, statistics.median(timings.tensors_cpu))]
+    if timings.files:
+        rows.insert(0, ("files", statistics.median(timings.files), statistics.median(timings.files_cpu)))
+    print(f"{'run':>12} {'s':>8} {'img/s':>8} {'TFLOP/s':>9} {'% of peak':>10} {'main-thread CPU ms/img':>23}")
+    for label, seconds, cpu in rows:
+        tflops = total_flops / seconds / 1e12
+        share = f"{100 * tflops / peak:9.1f}%" if peak else f"{'n/a':>10}"
+        print(f"{label:>12} {seconds:>8.2f} {args.images / seconds:>8.2f} {tflops:>9.3g} {share} "
+              f"{1e3 * cpu / args.images:>23.1f}")
+    if compiled:
+        print(f"compile time (first run minus a steady one): {timings.first - m:.1f} s")
+    if peak:
+        share = total_flops / m / 1e12 / peak
+        print(f"model alone: {100 * share:.1f} % of the {peak:g} TFLOP/s peak (target >= 40 %): {verdict(share, 0.4)}")
+    else:
+        print("model alone: % of peak n/a (unknown device: pass --peak-tflops)")
+    rate = args.images / m
+    if timings.files and timings.from_files is not None and timings.from_tensors is not None:
+        f = statistics.median(timings.files)
+        diff = (timings.from_files - timings.from_tensors).abs().max().item()
+        cpu = statistics.median(timings.files_cpu) - statistics.median(timings.tensors_cpu)
+        print(f"loading work left on the thread that drives the model: {1e3 * cpu / args.images:.1f} ms/img")
+        print(f"max |descriptor difference| files vs model alone: {diff:.2e}")
+        print(f"ratio files / model alone throughput: {m / f:.3f} (target >= 0.95): {verdict(m / f, 0.95)}")
+        rate = args.images / f
+    hours = R1M_IMAGES / rate / 3600
+    print(f"implied R1M extraction on this device: {hours:.2f} h ({R1M_IMAGES:,} images at {rate:.1f} img/s"
+          f"{', model alone' if not timings.files else ''})")
+
+
+def main() -> None:
+    args = parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     if args.model == "stub":
@@ -181,8 +255,7 @@ def main() -> None:
     peak = args.peak_tflops if args.peak_tflops is not None else (peak_tflops(name) if device.type == "cuda" else None)
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_images(Path(tmp), args.images, width, height)
-        transform = MultiScaleTransform(settings.image_size, settings.scales)
-        dataset = ImageListDataset(paths, None, transform)
+        dataset = ImageListDataset(paths, None, MultiScaleTransform(settings.image_size, settings.scales))
         decoded = decode_batches(dataset, settings, args.batch, pin=device.type == "cuda")
         megabytes = sum(p.stat().st_size for p in paths) / 2**20
         print(f"{args.model} on {name}, torch {torch.__version__}, amp {args.amp}: {args.images} JPEGs "
@@ -190,70 +263,19 @@ def main() -> None:
               f"scales {[round(s, 4) for s in settings.scales]}, batch {args.batch}, {args.workers} workers, "
               f"compile {acceleration.compile}, channels-last {acceleration.channels_last}, cudnn benchmark "
               f"{acceleration.cudnn_benchmark}; median of {args.repeats} interleaved runs")
-        flops = flops_per_image(model, dataset, settings)
-        total_flops = sum(flops)
-        print(f"FLOPs per image over its scales (attention included): {total_flops / len(flops) / 1e12:.3f} TFLOP")
+        total_flops = sum(flops_per_image(model, dataset, settings))
+        print(f"FLOPs per image over its scales (attention included): {total_flops / args.images / 1e12:.3f} TFLOP")
         print(f"batch fill (images per planned batch / batch size): {batch_fill(dataset, settings, args.batch):.2f}")
-        shapes = sorted({(1, 3, x.shape[-2], x.shape[-1]) for b in decoded for _, xs in b["groups"] for x in xs})
         if args.model != "stub":
-            kernels = attention_kernels(model, shapes, device, args.amp)
-            for shape, names in kernels.items():
+            shapes = sorted({(1, 3, x.shape[-2], x.shape[-1]) for b in decoded for _, xs in b["groups"] for x in xs})
+            for shape, names in attention_kernels(model, shapes, device, args.amp).items():
                 print(f"attention kernel at input {shape[-1]}x{shape[-2]}: "
                       f"{', '.join(names) if names else 'MATH FALLBACK (no fused kernel)'}")
-
-        def files():
-            store = extract_to_store(model, paths, Path(tmp) / "store", settings=settings, batch_size=args.batch,
-                                     num_workers=args.workers, device=device, amp=args.amp, overwrite=True,
-                                     progress=False, shard_size=len(paths), acceleration=acceleration)
-            return store.load()[0]
-
-        def tensors():
-            return run_tensors(model, decoded, len(paths), len(settings.scales), device, args.amp, acceleration)
-
-        first, _, _ = timed(tensors, device)  # warm-up: kernels, allocator, autotuning (and compiling)
-        t_files, t_tensors, c_files, c_tensors = [], [], [], []
-        from_files = None
-        for _ in range(args.repeats):
-            if not args.no_files:
-                t, c, from_files = timed(files, device)
-                t_files.append(t)
-                c_files.append(c)
-            t, c, from_tensors = timed(tensors, device)
-            t_tensors.append(t)
-            c_tensors.append(c)
+        timings = measure(args, model, settings, acceleration, device, paths, decoded, Path(tmp))
         if device.type == "cuda":
             waits = host_waits(model, decoded, len(paths), len(settings.scales), device, args.amp, acceleration)
             print(f"host waits for the GPU inside the extraction loop: {waits}")
-    m = statistics.median(t_tensors)
-    rows = [("model alone", m, statistics.median(c_tensors))]
-    if t_files:
-        rows.insert(0, ("files", statistics.median(t_files), statistics.median(c_files)))
-    print(f"{'run':>12} {'s':>8} {'img/s':>8} {'TFLOP/s':>9} {'% of peak':>10} {'main-thread CPU ms/img':>23}")
-    for label, seconds, cpu in rows:
-        tflops = total_flops / seconds / 1e12
-        share = f"{100 * tflops / peak:9.1f}%" if peak else f"{'n/a':>10}"
-        print(f"{label:>12} {seconds:>8.2f} {args.images / seconds:>8.2f} {tflops:>9.3g} {share} "
-              f"{1e3 * cpu / args.images:>23.1f}")
-    if acceleration.compile:
-        print(f"compile time (first run minus a steady one): {first - m:.1f} s")
-    if peak:
-        share = total_flops / m / 1e12 / peak
-        print(f"model alone: {100 * share:.1f} % of the {peak:g} TFLOP/s peak (target >= 40 %): {verdict(share, 0.4)}")
-    else:
-        print("model alone: % of peak n/a (unknown device: pass --peak-tflops)")
-    if t_files:
-        f = statistics.median(t_files)
-        diff = (from_files - from_tensors).abs().max().item()
-        print(f"loading work left on the thread that drives the model: "
-              f"{1e3 * (statistics.median(c_files) - statistics.median(c_tensors)) / args.images:.1f} ms/img")
-        print(f"max |descriptor difference| files vs model alone: {diff:.2e}")
-        print(f"ratio files / model alone throughput: {m / f:.3f} (target >= 0.95): {verdict(m / f, 0.95)}")
-        rate = args.images / f
-    else:
-        rate = args.images / m
-    hours = R1M_IMAGES / rate / 3600
-    print(f"implied R1M extraction on this device: {hours:.2f} h ({R1M_IMAGES:,} images at {rate:.1f} img/s"
-          f"{', model alone' if not t_files else ''})")
+    report(args, timings, total_flops, peak, acceleration.compile)
 
 
 if __name__ == "__main__":
