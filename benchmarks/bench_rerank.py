@@ -48,6 +48,7 @@ N_QUERIES, N_DATABASE = 70, 5000
 STEPS = ("search", "qe", "dba", "graph", "diffusion", "superglobal")
 OFFLINE = ("dba", "graph")
 SEARCHES = {"search": 1, "qe": 2, "diffusion": 1, "superglobal": 1}  # searches of the whole database per step
+TRAIN_SIZE = 128  # --builtin: training and evaluation image size (single scale)
 GEN_CHUNK = 16384  # rows generated at once (float32): bounds what generation adds to the baseline
 
 
@@ -174,7 +175,7 @@ def builtin(args: argparse.Namespace) -> int:
     else:
         checkpoint = train_tiny(Path(bench["train_dir"]), out / "train", args.train_steps)
     model = load_model(checkpoint)
-    settings = ExtractSettings(image_size=96, scales=[1.0])
+    settings = ExtractSettings(image_size=TRAIN_SIZE, scales=[1.0])
     configs = {"none": [], "αQE": [args.qe], "αDBA + αQE": [args.dba, args.qe],
                "diffusion": [args.diffusion], "SuperGlobal": [args.superglobal]}
     rows = []
@@ -193,7 +194,7 @@ def builtin(args: argparse.Namespace) -> int:
 
 
 def train_tiny(data_dir: Path, run_dir: Path, steps: int) -> Path:
-    """Train the tiny DToP on the built-in training split for ``steps`` steps (the demo's recipe)."""
+    """Train the tiny DToP on the built-in training split for ``steps`` steps (docs/apps.md's recipe)."""
     from dtop.engine.train import train
     from dtop.engine.train_config import load_train_config
     from dtop.models.factory import builtin_config_dir
@@ -201,7 +202,8 @@ def train_tiny(data_dir: Path, run_dir: Path, steps: int) -> Path:
     base = builtin_config_dir().parent / "train" / "tiny.yaml"
     config = load_train_config(str(base), [
         f"data.root={data_dir}", f"run.out={run_dir}", f"run.max_steps={steps}", "run.device=cpu",
-        "data.train_size=96", "optim.batch_size=32", "optim.lr=0.001", "optim.warmup_steps=20",
+        f"data.train_size={TRAIN_SIZE}", "optim.batch_size=32", "optim.lr=3e-4", "optim.warmup_steps=20",
+        f"optim.epochs={-(-steps // 28)}",  # 900 images / 32 a batch: the schedule spans the steps
         "loss.margin=0.0", "loss.scale=16", "run.save_every=100000", "run.progress=false", "data.num_workers=0",
     ])
     summary = train(config)
@@ -225,7 +227,7 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--builtin", action="store_true", help="the mAP table on the built-in benchmark instead")
     parser.add_argument("--model", help="--builtin: evaluate this checkpoint instead of training one")
-    parser.add_argument("--train-steps", type=int, default=60, help="--builtin: training steps (default 60)")
+    parser.add_argument("--train-steps", type=int, default=300, help="--builtin: training steps (default 300)")
     parser.add_argument("--out", default="runs/bench_rerank", help="--builtin: working folder")
     # the built-in benchmark's database is small (~360 images, <= 5 positives per query): small k
     parser.add_argument("--qe", default="qe:k=3,alpha=3", help="--builtin: the αQE step")
