@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -429,7 +430,9 @@ class ImageIndex:
             if search_params:
                 raise ConfigError("search parameters apply to faiss indexes only; with post-processing the search "
                                   "is exact (torch)")
-            database = torch.cat([torch.as_tensor(np.asarray(p)) for p in db.parts])  # float16 stays float16
+            with warnings.catch_warnings():  # read-only memory maps: torch.cat copies them, nothing writes to them
+                warnings.simplefilter("ignore", UserWarning)
+                database = torch.cat([torch.as_tensor(np.asarray(p)) for p in db.parts])  # float16 stays float16
             q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
             return post.search(q, database, topk, device=resolve_device(device) if device else None)
         if self.engine == "faiss" and not exact:
