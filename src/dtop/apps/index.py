@@ -33,6 +33,7 @@ from dtop.apps.index_format import (
     remove_own_files,
     segment_dir,
 )
+from dtop.apps.index_results import AddReport, SearchResult
 from dtop.apps.index_segments import (
     AddPlan,
     Searchable,
@@ -52,7 +53,6 @@ from dtop.models.identity import model_fingerprint
 from dtop.retrieval.faiss_index import FaissIndex
 from dtop.retrieval.postprocess import PostProcessing
 from dtop.retrieval.search import search
-from dtop.retrieval.store import Failure
 from dtop.utils.io import write_json
 from dtop.utils.locks import file_lock, utc_now
 from dtop.utils.paths import show_path
@@ -65,54 +65,6 @@ def _locked(root: Path) -> contextlib.AbstractContextManager[None]:
         busy_error=f"another dtop process is building or adding to the index {root} (it holds {root / LOCK_FILE}); "
         "wait for it to finish, then run the command again",
     )
-
-
-@dataclasses.dataclass
-class AddReport:
-    """What :meth:`ImageIndex.add` did."""
-
-    #: Id of the segment written, None when nothing was new.
-    segment: int | None
-    #: Images never indexed before (resolved paths).
-    new: list[str]
-    #: Images indexed before whose size or modification time changed (re-extracted).
-    modified: list[str]
-    #: Images already indexed and unchanged (skipped).
-    unchanged: int
-    #: Images of the segment that could not be read (skipped, not searchable).
-    failures: list[Failure]
-    #: Whether a half-written segment of a killed run was resumed.
-    resumed: bool = False
-
-    @property
-    def extracted(self) -> int:
-        """Images of the segment that now have a descriptor."""
-        return len(self.new) + len(self.modified) - len(self.failures)
-
-
-@dataclasses.dataclass
-class SearchResult:
-    """Ranked results of one query: ``paths[i]`` has similarity ``scores[i]``, best first.
-
-    ``error`` says why the query image could not be read (then there are no results).
-    """
-
-    query: str
-    paths: list[str]
-    scores: list[float]
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form: ``{"query", "results": [{"rank", "score", "path"}, …]}`` (and ``"error"`` if unreadable)."""
-        out: dict[str, Any] = {
-            "query": self.query,
-            "results": [
-                {"rank": i + 1, "score": float(s), "path": p} for i, (p, s) in enumerate(zip(self.paths, self.scores))
-            ],
-        }
-        if self.error is not None:
-            out["error"] = self.error
-        return out
 
 
 class ImageIndex:

@@ -4,6 +4,10 @@
 order ``whiten → dba → qe``, then after the search at most one re-ranking step (diffusion or
 SuperGlobal, :mod:`dtop.retrieval.rerank`), built from ``--post`` step strings such as ``"qe:k=5,alpha=3"``.
 Definitions, order and memory bounds: docs/retrieval.md.
+
+Over 500 lines on purpose: the step classes (whitening, αDBA, αQE, diffusion, SuperGlobal) must
+sit beside the pipeline that parses ``--post``, because the re-ranking modules are imported by it
+and cannot import it back.
 """
 
 from __future__ import annotations
