@@ -68,3 +68,13 @@ def require_file(path: Path, what: str, hint: str) -> None:
             near = f" (the folder holds: {', '.join(listing) or 'nothing'})"
         raise DataError(f"{what} not found: {path}{near}. {hint}")
 
+
+
+def column_indices(header: Sequence[str], names: Sequence[str], csv_path: Path, expected: str) -> list[int]:
+    """Positions of ``names`` in a CSV ``header``; a DataError naming the ``expected`` columns otherwise."""
+    try:
+        return [list(header).index(name) for name in names]
+    except ValueError:
+        raise DataError(
+            f"{csv_path}: expected the columns {expected}; found {', '.join(header) or 'nothing'}"
+        ) from None

@@ -6,7 +6,7 @@ import csv
 import os
 from pathlib import Path
 
-from dtop.data.training.common import build_set, require_dir, require_file
+from dtop.data.training.common import build_set, column_indices, require_dir, require_file
 from dtop.data.training.gldv2 import gldv2_relative_path
 from dtop.data.training.trainingset import TrainingSet
 from dtop.errors import DataError
@@ -77,12 +77,7 @@ def _read_train_csv(csv_path: Path) -> tuple[list[str], list[int], int]:
     with open(csv_path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
-        try:
-            c_id, c_lm = header.index("id"), header.index("landmark_id")
-        except ValueError:
-            raise DataError(
-                f"{csv_path}: expected the columns id,url,landmark_id; found {', '.join(header) or 'nothing'}"
-            ) from None
+        c_id, c_lm = column_indices(header, ("id", "landmark_id"), csv_path, "id,url,landmark_id")
         for lineno, row in enumerate(reader, 2):
             if not row:
                 continue

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dtop.data.training.common import build_set, require_dir, require_file
+from dtop.data.training.common import build_set, column_indices, require_dir, require_file
 from dtop.data.training.trainingset import TrainingSet
 from dtop.errors import DataError
 
@@ -77,12 +77,7 @@ def _read_clean_csv(csv_path: Path, prefix: str) -> tuple[list[str], list[int]]:
     raw: list[int] = []
     with open(csv_path, encoding="utf-8", newline="") as f:
         header = _split_header(f.readline())
-        try:
-            c_lm, c_im = header.index("landmark_id"), header.index("images")
-        except ValueError:
-            raise DataError(
-                f"{csv_path}: expected the columns landmark_id,images; found {', '.join(header) or 'nothing'}"
-            ) from None
+        c_lm, c_im = column_indices(header, ("landmark_id", "images"), csv_path, "landmark_id,images")
         for lineno, line in enumerate(f, 2):
             line = line.strip()
             if not line:
