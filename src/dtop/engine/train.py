@@ -109,6 +109,8 @@ class Trainer:
         """Model, loss, batch sampler and the (DDP-wrapped) module that trains them together."""
         config = self.config
         self.model = build_model(config.model).to(self.device)
+        if config.run.channels_last:  # NHWC: faster convolutions (docs/training.md)
+            self.model.to(memory_format=torch.channels_last)
         set_grad_checkpointing = getattr(self.model.backbone, "set_grad_checkpointing", None)
         if config.optim.grad_checkpointing and callable(set_grad_checkpointing):  # timm backbones have it
             set_grad_checkpointing(True)
@@ -273,6 +275,8 @@ class Trainer:
     def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor | None, sync: bool) -> float:
         """Loss and gradients of one micro-batch (gradients synchronised across ranks when ``sync``)."""
         images = images.to(self.device, non_blocking=True)
+        if self.config.run.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
         if labels is not None:
             labels = labels.to(self.device, non_blocking=True)
         ctx: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
