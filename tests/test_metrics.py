@@ -18,6 +18,7 @@ from dtop.retrieval.metrics import (
     evaluate_scores,
     format_results,
     positions_from_scores,
+    score_and_search,
 )
 
 DATA = Path("/work/shared/data/revisitop")
@@ -354,6 +355,14 @@ def test_scores_errors(roxf: GroundTruth) -> None:
         evaluate_scores(np.zeros((70, roxf.n_database - 1)), roxf)
     with pytest.raises(DataError, match="n_ranked must be at least 1"):
         evaluate_scores(np.zeros((70, roxf.n_database)), roxf, n_ranked=0)
+    # a block counted while the next one is computed: its error still stops the run, named
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((roxf.n_database + 3000, 16)).astype(np.float32)
+    x[roxf.n_database + 2500, 3] = np.nan  # a distractor, several blocks after the database part
+    q = rng.standard_normal((roxf.n_queries, 16)).astype(np.float32)
+    bad = (roxf.n_database + 2500) // 97 * 97
+    with pytest.raises(DataError, match=f"images {bad}..{bad + 96} contain NaN"):
+        score_and_search(q, x, roxf, chunk_size=97)
 
 
 # ------------------------------------------------------------------------------------ errors

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dtop.data.gnd import GroundTruth, load_gnd
@@ -49,7 +49,7 @@ def small_gnd(n_db: int, n_queries: int, seed: int) -> GroundTruth:
 # ------------------------------------------------------------------------------ rank counting
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     seed=st.integers(0, 2**32 - 1),
     n_queries=st.integers(1, 6),
@@ -57,22 +57,27 @@ def small_gnd(n_db: int, n_queries: int, seed: int) -> GroundTruth:
     values=st.sampled_from([3, 10, 1000]),
     threads=st.integers(1, 3),
     piece=st.sampled_from([1, 7, 64, 1 << 16]),
+    sparse=st.sampled_from([0.0, 0.3, 1.0]),
+    top=st.booleans(),
+    overlap=st.booleans(),
 )
 def test_positions_equal_a_stable_sort(
-    seed: int, n_queries: int, n_images: int, values: int, threads: int, piece: int
+    seed: int, n_queries: int, n_images: int, values: int, threads: int, piece: int, sparse: float, top: bool,
+    overlap: bool, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     rng = np.random.default_rng(seed)
     scores = rng.integers(-values, values, size=(n_queries, n_images)).astype(np.float32) / 8
     interest = [rng.choice(n_images, size=int(rng.integers(0, n_images + 1)), replace=True) for _ in range(n_queries)]
+    if top:  # images of interest among the best: most scores lie below every threshold
+        interest = [np.argsort(-row)[: int(rng.integers(0, 6))] for row in scores]
     cuts = np.sort(rng.integers(0, n_images + 1, size=int(rng.integers(0, 5))))
     blocks = np.split(scores, cuts, axis=1)
     expected = stable_positions(scores)
-    old_piece = positions_mod.ROW_PIECE
-    positions_mod.ROW_PIECE = piece  # several pieces per row: the hot path across pieces
-    try:
-        got = positions_from_scores(blocks, interest, threads=threads)
-    finally:
-        positions_mod.ROW_PIECE = old_piece
+    # several pieces per row (the hot path across pieces); compacted pieces always, sometimes, never
+    monkeypatch.setattr(positions_mod, "ROW_PIECE", piece)
+    monkeypatch.setattr(positions_mod, "SPARSE_SHARE", sparse)
+    source = positions_mod.ScoreBlocks(b.copy() for b in blocks) if overlap else blocks
+    got = positions_from_scores(source, interest, threads=threads)
     for q in range(n_queries):
         assert got[q].tolist() == expected[q, np.unique(interest[q])].tolist()
 
@@ -372,7 +377,7 @@ def test_extraction_acceleration_options(tmp_path: Path, tiny_model: torch.nn.Mo
     paths = _photos(tmp_path / "img", 4)
     settings = ExtractSettings(image_size=64)
     plain = extract_to_store(tiny_model, paths, tmp_path / "plain", settings=settings, num_workers=0,
-                             progress=False).load()[0]
+                             progress=False, acceleration=Acceleration(channels_last=False)).load()[0]
     nhwc = extract_to_store(tiny_model, paths, tmp_path / "nhwc", settings=settings, num_workers=0, progress=False,
                             acceleration=Acceleration(channels_last=True)).load()[0]
     assert torch.allclose(plain, nhwc, atol=1e-5)

@@ -28,6 +28,7 @@ from dtop.engine.whiten import warn_on_mismatch
 from dtop.models.base import WHITENING_EXTRA, RetrievalModel
 from dtop.models.identity import model_fingerprint
 from dtop.retrieval.metrics import PROTOCOLS, evaluate_scores, score_and_search
+from dtop.retrieval.positions import ScoreBlocks
 from dtop.retrieval.postprocess import Diffusion, PostProcessing, Whiten, Whitening
 from dtop.retrieval.rerank import evaluate_reranked
 from dtop.retrieval.search import RunningTopK, iter_scores, to_ranks
@@ -244,7 +245,7 @@ def _score_without(queries: Any, database: list[Any], gnd: GroundTruth, topk: in
             best.update(block)
             start += n
 
-    results = evaluate_scores(blocks(), gnd)
+    results = evaluate_scores(ScoreBlocks(blocks()), gnd)  # blocks are new tensors (or clones)
     return results, best.result()[1]
 
 

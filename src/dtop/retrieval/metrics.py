@@ -20,7 +20,7 @@ import torch
 
 from dtop.data.gnd import DEFAULT_KAPPAS, PROTOCOLS, GroundTruth
 from dtop.errors import DataError
-from dtop.retrieval.positions import count_positions, positions_from_scores
+from dtop.retrieval.positions import ScoreBlocks, count_positions, positions_from_scores
 from dtop.retrieval.search import RunningTopK, iter_scores
 
 __all__ = [
@@ -228,20 +228,37 @@ def compute_map(
 # ---------------------------------------------------------------------------------------- scores
 
 
+def _local_ranks(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Rank of each image among the given ones by the tie rule (higher score first, then smaller index)."""
+    order = np.lexsort((index, -values))
+    ranks = np.empty(index.size, dtype=np.int64)
+    ranks[order] = np.arange(index.size)
+    return ranks
+
+
 def _protocol_positions(
-    gnd: GroundTruth, name: str, interest: list[np.ndarray], positions: list[np.ndarray], n_ranked: int | None
+    gnd: GroundTruth, name: str, counted: list[np.ndarray], positions: list[np.ndarray],
+    labelled: list[np.ndarray], keys: list[np.ndarray], n_ranked: int | None,
 ) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Per query of protocol ``name``: the junk-shifted positions of its retrieved positives.
+
+    ``positions[q]``: full-ranking positions of the images ``counted[q]`` (easy and hard);
+    ``keys[q]``: the rank of each image of ``labelled[q]`` (easy, hard and junk) among those
+    images. The number of junk images ranked before a positive comes from ``keys`` alone, so the
+    junk images need no position in the full ranking.
+    """
     out = []
     for q, (pos, junk) in enumerate(gnd.protocol(name)):
-        lookup = interest[q]
-
-        def where(idx: np.ndarray, q: int = q, lookup: np.ndarray = lookup) -> np.ndarray:
-            p = positions[q][np.searchsorted(lookup, idx)]
-            if n_ranked is not None:
-                p = p[p < n_ranked]
-            return np.sort(p)
-
-        out.append((where(pos), where(junk), int(pos.size)))
+        raw = positions[q][np.searchsorted(counted[q], pos)]
+        order = np.argsort(raw)
+        raw = raw[order]
+        shifted = raw
+        if junk.size:
+            junk_keys = np.sort(keys[q][np.searchsorted(labelled[q], junk)])
+            shifted = raw - np.searchsorted(junk_keys, keys[q][np.searchsorted(labelled[q], pos[order])])
+        if n_ranked is not None:
+            shifted = shifted[raw < n_ranked]
+        out.append((shifted, np.empty(0, np.int64), int(pos.size)))
     return out
 
 
@@ -284,16 +301,21 @@ def evaluate_scores(
     if n_ranked is not None and n_ranked < 1:
         raise DataError(f"n_ranked must be at least 1, got {n_ranked}")
     _check_no_queries(gnd.n_queries)
-    interest = [np.array(sorted(q["easy"] + q["hard"] + q["junk"]), dtype=np.int64) for q in gnd.gnd]
-    positions, n_images = count_positions(scores, interest)
+    # Only positives (easy or hard) are counted over the whole collection; junk images matter only
+    # by how many rank before each positive, which their scores tell (docs/retrieval.md).
+    counted = [np.unique(np.asarray(q["easy"] + q["hard"], dtype=np.int64)) for q in gnd.gnd]
+    labelled = [np.unique(np.asarray(q["easy"] + q["hard"] + q["junk"], dtype=np.int64)) for q in gnd.gnd]
+    positions, n_images, values = count_positions(scores, counted, keep=labelled)
     if n_images < gnd.n_database:
         raise DataError(
             f"the scores cover {n_images} images but the database of {gnd.name or 'the benchmark'} has "
             f"{gnd.n_database}; score every database image (in imlist order), then the distractors"
         )
+    # rank of each labelled image among its query's labelled images: score descending, index ascending
+    keys = [_local_ranks(v, ix) for v, ix in zip(values, labelled)]
     results = {}
     for name in PROTOCOLS:
-        found = _protocol_positions(gnd, name, interest, positions, n_ranked)
+        found = _protocol_positions(gnd, name, counted, positions, labelled, keys, n_ranked)
         per_query = (_query_metrics(p, j, n, ks) for p, j, n in found)
         results[name] = _result(_aggregate(per_query, len(ks)), ks)
     return results
@@ -322,9 +344,9 @@ def score_and_search(
     def blocks() -> Iterator[torch.Tensor]:
         for block in iter_scores(queries, database, chunk_size=chunk_size, device=device, progress=progress):
             yield block
-            best.update(block)  # after the counter has checked the block for NaN
+            best.update(block)
 
-    results = evaluate_scores(blocks(), gnd, kappas)
+    results = evaluate_scores(ScoreBlocks(blocks()), gnd, kappas)  # each block is new: counted while the next is made
     return results, best.result()[1]
 
 

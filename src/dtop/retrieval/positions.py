@@ -9,8 +9,8 @@ images of interest), query rows split over worker threads. Design notes: docs/re
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Any
 
@@ -21,6 +21,28 @@ from dtop.errors import DataError
 
 SCORE_BLOCK = 1 << 16  # columns per block when a whole score matrix is given
 ROW_PIECE = 1 << 16  # scores of one query handled per numpy call (a few hundred KiB of buffers)
+#: A piece whose share of scores at or above the query's lowest threshold is at most this is
+#: compacted to those scores first (the others rank after every threshold): cheaper below ~0.4.
+SPARSE_SHARE = 0.3
+_INT32_SAFE = float(1 << 30)  # |cell coordinates| below this cast to int32 exactly (else clipped first)
+
+
+class ScoreBlocks(Iterator[Any]):
+    """Score blocks, each a new array that nobody writes to after it is yielded.
+
+    :func:`count_positions` counts such a block in worker threads while the next one is being
+    computed (e.g. the next matrix product); blocks of any other iterable are counted before the
+    next is asked for, since a producer may reuse its buffer.
+    """
+
+    def __init__(self, blocks: Iterable[Any]) -> None:
+        self._blocks = iter(blocks)
+
+    def __iter__(self) -> ScoreBlocks:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._blocks)
 
 
 def score_blocks(scores: Any) -> Iterator[torch.Tensor]:
@@ -43,6 +65,8 @@ class _Buffers:
         self.y = np.empty(ROW_PIECE, dtype=dtype)
         self.cells = np.empty(ROW_PIECE, dtype=np.int32)
         self.bins = np.empty(ROW_PIECE, dtype=np.intp)
+        self.mask = np.empty(ROW_PIECE, dtype=bool)
+        self.sub = np.empty(ROW_PIECE, dtype=dtype)
         self.hot: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (query, scores, index, cells)
 
 
@@ -84,12 +108,22 @@ class QueryCounter:
         self.lut = np.where(per_cell > 0, self.hot, self.below).astype(np.intp)
         self.steps = max(1, int(per_cell.max(initial=0)).bit_length())
         self.hist = hist[: m + 2]
+        # scores below the lowest threshold rank after every threshold: bin 0, no look-up needed
+        self.floor = self.thresholds[0] if m else np.inf
+        # scores whose cell coordinate stays inside +-2^30 skip the clip (the look-up clips)
+        self.safe = (float(self.shift) - _INT32_SAFE) / float(a), (float(self.shift) + _INT32_SAFE) / float(a)
 
-    def cells(self, s: np.ndarray, y: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Cell of each score of ``s`` (int32, in ``0..G+2``), using the buffers ``y`` and ``out``."""
+    def cells(self, s: np.ndarray, y: np.ndarray, out: np.ndarray, clip: bool = True) -> np.ndarray:
+        """Cell of each score of ``s`` (int32), using the buffers ``y`` and ``out``.
+
+        In ``0..G+2`` with ``clip``; without it, scores out of range give cells out of range,
+        which the look-up (``mode="clip"``) sends to the bins of cells 0 and G + 2 (only for
+        scores inside ``self.safe``, whose cell coordinates cast to int32 exactly).
+        """
         np.multiply(s, self.scale, out=y)
         np.subtract(y, self.shift, out=y)
-        np.clip(y, 0.0, self.grid + 2.0, out=y)
+        if clip:
+            np.clip(y, 0.0, self.grid + 2.0, out=y)
         np.copyto(out, y, casting="unsafe")  # truncation toward zero: monotone
         return out
 
@@ -105,14 +139,27 @@ class QueryCounter:
                 f"scores of images {first}..{first + n - 1} contain NaN or infinity; check the "
                 "descriptors for NaN (e.g. an L2 normalisation of an all-zero vector)"
             )
-        cells = self.cells(s, buffers.y[:n], buffers.cells[:n])
+        if hi < self.floor:  # all below the lowest threshold
+            self.hist[0] += n
+            return
+        where: np.ndarray | None = None
+        mask = np.greater_equal(s, self.floor, out=buffers.mask[:n])
+        above = int(np.count_nonzero(mask))
+        if above <= SPARSE_SHARE * n:  # few scores can rank before a threshold: count only those
+            where = np.flatnonzero(mask)
+            s = np.take(s, where, out=buffers.sub[:above])
+            self.hist[0] += n - above
+            n = above
+        cells = self.cells(s, buffers.y[:n], buffers.cells[:n], clip=not (self.safe[0] < lo and hi < self.safe[1]))
         bins = buffers.bins[:n]
-        np.take(self.lut, cells, out=bins, mode="clip")  # cells are in range by construction
+        np.take(self.lut, cells, out=bins, mode="clip")
         counts = np.bincount(bins, minlength=self.size + 2)
         self.hist += counts
         if counts[self.hot]:
             hot = np.flatnonzero(bins == self.hot)
-            buffers.hot.append((q, s[hot], hot + first, cells[hot]))
+            index = hot if where is None else where[hot]
+            # unclipped cells out of range land in cell 0 or G + 2, which rounding can make hot
+            buffers.hot.append((q, s[hot], index + first, np.clip(cells[hot], 0, self.grid + 2)))
 
     def positions(self) -> np.ndarray:
         """0-based positions of the images of interest, aligned with their sorted indices."""
@@ -154,12 +201,16 @@ class RankCounter:
 
     def update(self, block: np.ndarray, offset: int, pool: ThreadPoolExecutor | None = None) -> None:
         """Count one block ``(n_queries, c)`` of the scores of images ``offset, offset + 1, ...``."""
-        if pool is None or len(self.groups) == 1:
+        for future in self.submit(block, offset, pool):
+            future.result()
+
+    def submit(self, block: np.ndarray, offset: int, pool: ThreadPoolExecutor | None) -> list[Future[None]]:
+        """Start counting ``block`` in ``pool`` (one task per row group); without a pool, count it now."""
+        if pool is None:
             for g in range(len(self.groups)):
                 self._count_group(block, offset, g)
-            return
-        for future in [pool.submit(self._count_group, block, offset, g) for g in range(len(self.groups))]:
-            future.result()
+            return []
+        return [pool.submit(self._count_group, block, offset, g) for g in range(len(self.groups))]
 
     def _count_group(self, block: np.ndarray, offset: int, group: int) -> None:
         buffers = _Buffers(self.dtype)
@@ -206,48 +257,72 @@ def default_threads(n_queries: int) -> int:
 
 
 def count_positions(
-    scores: Any, interest: Sequence[Any], threads: int | None = None
-) -> tuple[list[np.ndarray], int]:
-    """Positions of ``interest[q]`` (sorted, unique) in each query's ranking, and the images seen."""
+    scores: Any, interest: Sequence[Any], threads: int | None = None, keep: Sequence[Any] | None = None
+) -> tuple[list[np.ndarray], int, list[np.ndarray]]:
+    """Positions of ``interest[q]`` (sorted, unique) in each query's ranking, the images seen, and
+    the scores of the images ``keep[q]`` (sorted, unique; in the counting dtype; empty without ``keep``).
+
+    A :class:`ScoreBlocks` source is counted one block behind its production (overlapped).
+    """
     sets = [np.unique(np.asarray(x, dtype=np.int64).reshape(-1)) for x in interest]
-    if any(s.size and s[0] < 0 for s in sets):
+    kept_sets = [np.unique(np.asarray(x, dtype=np.int64).reshape(-1)) for x in keep] if keep is not None else []
+    if any(s.size and s[0] < 0 for s in sets + kept_sets):
         raise DataError("positions_from_scores: negative image index of interest")
     nq = len(sets)
-    head_size = max((int(s[-1]) + 1 for s in sets if s.size), default=0)
+    if keep is not None and len(kept_sets) != nq:
+        raise DataError(f"keep has {len(kept_sets)} rows but interest has {nq}; one per query")
+    head_size = max((int(s[-1]) + 1 for s in sets + kept_sets if s.size), default=0)
     workers = default_threads(nq) if threads is None else max(1, int(threads))
+    overlap = isinstance(scores, ScoreBlocks)
     pending: list[np.ndarray] = []
+    inflight: list[Future[None]] = []
     seen = 0
     counter: RankCounter | None = None
+    kept: list[np.ndarray] = []
     dtype: torch.dtype | None = None
-    with ThreadPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
-        for block in score_blocks(scores):
-            if block.ndim != 2 or block.shape[0] != nq:
-                raise DataError(
-                    f"a block of scores has shape {tuple(block.shape)}; expected ({nq}, n_images): one row per query"
-                )
-            if dtype is None:  # float64 and integer scores are compared in float64, the rest in float32
-                wide = block.dtype == torch.float64 or not block.is_floating_point()
-                dtype = torch.float64 if wide else torch.float32
-            arr = block.detach().to(device="cpu", dtype=dtype).numpy()
-            if counter is None:
-                pending.append(arr)
-                if seen + arr.shape[1] >= head_size:
-                    head = np.concatenate(pending, axis=1)[:, :head_size] if len(pending) > 1 else arr
-                    counter = RankCounter(sets, head, workers)
-                    start = 0
-                    for b in pending:
-                        counter.update(b, start, pool)
-                        start += b.shape[1]
-                    pending = []
-            else:
-                counter.update(arr, seen, pool)
-            seen += arr.shape[1]
+    with ThreadPoolExecutor(workers) if workers > 1 or overlap else nullcontext() as pool:
+        try:
+            for block in score_blocks(scores):
+                if block.ndim != 2 or block.shape[0] != nq:
+                    raise DataError(f"a block of scores has shape {tuple(block.shape)}; expected ({nq}, "
+                                    "n_images): one row per query")
+                if dtype is None:  # float64 and integer scores are compared in float64, the rest in float32
+                    wide = block.dtype == torch.float64 or not block.is_floating_point()
+                    dtype = torch.float64 if wide else torch.float32
+                arr = block.detach().to(device="cpu", dtype=dtype).numpy()
+                if counter is None:
+                    pending.append(arr)
+                    if seen + arr.shape[1] >= head_size:
+                        head = np.concatenate(pending, axis=1)[:, :head_size] if len(pending) > 1 else arr
+                        counter = RankCounter(sets, head, workers)
+                        kept = [head[q, ix] for q, ix in enumerate(kept_sets)]
+                        start = 0
+                        for b in pending:
+                            counter.update(b, start, pool)
+                            start += b.shape[1]
+                        pending = []
+                else:
+                    _wait(inflight)
+                    inflight = counter.submit(arr, seen, pool)
+                    if not overlap:
+                        _wait(inflight)
+                seen += arr.shape[1]
+            _wait(inflight)
+        finally:
+            for future in inflight:
+                future.cancel()
     if counter is None:
         raise DataError(
             f"the scores cover {seen} images but the ground truth refers to image index {head_size - 1}; "
             "the database images must come first, in ground-truth (imlist) order"
         )
-    return counter.positions(), seen
+    return counter.positions(), seen, kept
+
+
+def _wait(futures: list[Future[None]]) -> None:
+    """Wait for ``futures`` (emptied), raising the first error among them."""
+    while futures:
+        futures.pop(0).result()
 
 
 def positions_from_scores(

@@ -19,6 +19,7 @@ import torch
 from dtop.data.gnd import GroundTruth
 from dtop.errors import ConfigError, DataError
 from dtop.retrieval.metrics import evaluate_scores
+from dtop.retrieval.positions import ScoreBlocks
 from dtop.retrieval.search import iter_scores, search
 
 
@@ -155,7 +156,7 @@ def evaluate_reranked(
     """
     _, indices, ceiling = reranked_search(queries, database, topk, reranker)
     blocks = lift_reranked(iter_scores(queries, database), indices[:, : reranker.depth], ceiling)
-    return evaluate_scores(blocks, gnd), indices[:, :topk]
+    return evaluate_scores(ScoreBlocks(blocks), gnd), indices[:, :topk]  # lift_reranked yields copies
 
 
 __all__ = [

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dtop.errors import ConfigError, DataError
+from dtop.retrieval.positions import ScoreBlocks
 
 MAX_CHUNK = 1 << 16
 MIN_CHUNK = 1024
@@ -166,12 +167,17 @@ def iter_scores(
     chunk_size: int | None = None,
     device: str | torch.device | None = None,
     progress: bool | None = None,
-) -> Iterator[torch.Tensor]:
+) -> ScoreBlocks:
     """Yield similarity blocks ``queries @ chunk.T`` of shape ``(n_queries, c)`` over the database.
 
     Blocks cover the database rows in order (all parts of a list, one after the other); they are
-    float32 tensors on ``device`` (float64 if all inputs are float64).
+    new float32 tensors on ``device`` (float64 if all inputs are float64), as :class:`ScoreBlocks`.
     """
+    return ScoreBlocks(_score_blocks(queries, database, chunk_size, device, progress))
+
+
+def _score_blocks(queries: Any, database: Any, chunk_size: int | None, device: str | torch.device | None,
+                  progress: bool | None) -> Iterator[torch.Tensor]:
     queries, parts = _inputs(queries, database)
     dev = _device(device, queries, parts)
     dtype = _compute_dtype(queries, *parts)
@@ -181,7 +187,7 @@ def iter_scores(
     bar = tqdm(total=n_total, unit="img", desc="scoring", disable=not _progress(progress, n_total))
     with torch.inference_mode(), bar:
         for _, chunk in _iter_chunks(parts, rows, dev, dtype):
-            yield q @ chunk.T
+            yield q @ chunk.T  # a new tensor each time (ScoreBlocks' promise)
             bar.update(int(chunk.shape[0]))
 
 
