@@ -9,7 +9,8 @@ Sweeps torch intra-op threads × decoding workers × batch size (per size bucket
 (photo-like JPEGs, 1024 px longer side, landscape and portrait). Each setting runs ``--repeats``
 times after one warm-up run; the table lists the best wall time of each, fastest first, marks
 settings with more threads + workers than cores, and ends with the best setting next to the
-current defaults (``dtop.engine.runtime.cpu_defaults``), which is where the chosen values go.
+current defaults (``dtop.engine.runtime.cpu_defaults``), which is where the chosen values go,
+and with the memory layout at the best setting: NCHW against channels-last (the CPU default).
 Run it on a quiet machine: other load changes the ranking.
 """
 
@@ -28,7 +29,7 @@ import torch
 from dtop.apps.synthetic import generate_benchmark
 from dtop.data.revisited import RevisitedDataset
 from dtop.engine.extract import extract_to_store
-from dtop.engine.runtime import available_cores, cpu_defaults
+from dtop.engine.runtime import Acceleration, available_cores, cpu_defaults
 from dtop.engine.settings import ExtractSettings
 from dtop.models import build_model, resolve_model_config
 
@@ -67,11 +68,12 @@ def main() -> None:
               f"images, image size {args.image_size}, scales {[round(s, 4) for s in settings.scales]}; {cores} CPU "
               f"cores; torch {torch.__version__}; best of {args.repeats} after a warm-up")
 
-        def run(threads: int, workers: int, batch: int) -> float:
+        def run(threads: int, workers: int, batch: int, channels_last: bool | None = None) -> float:
             start = time.perf_counter()
             extract_to_store(model, paths, Path(tmp) / "store", settings=settings, batch_size=batch,
                              num_workers=workers, torch_threads=threads, device="cpu", amp="none",
-                             overwrite=True, progress=False, shard_size=len(paths))
+                             overwrite=True, progress=False, shard_size=len(paths),
+                             acceleration=Acceleration(channels_last=channels_last))
             return time.perf_counter() - start
 
         run(defaults.torch_threads or 1, defaults.num_workers, defaults.batch_size)  # warm-up
@@ -80,6 +82,9 @@ def main() -> None:
             best = min(run(threads, workers, batch) for _ in range(args.repeats))
             results.append((best, threads, workers, batch))
             print(f"  threads {threads}, workers {workers}, batch {batch}: {best:.1f} s", flush=True)
+        # the memory layout (default: channels-last on the CPU) at the best setting, NCHW against NHWC
+        _, b_threads, b_workers, b_batch = min(results)
+        layout = {cl: min(run(b_threads, b_workers, b_batch, cl) for _ in range(args.repeats)) for cl in (False, True)}
     results.sort()
     fastest = results[0][0]
     print(f"\n{'threads':>8}{'workers':>9}{'batch':>7}{'s':>9}{'img/s':>8}{'x best':>8}")
@@ -98,6 +103,8 @@ def main() -> None:
                                                              defaults.batch_size)]
     if current:
         print(f"the defaults take {current[0][0] / best:.2f}x the best time")
+    print(f"memory layout at the best setting: NCHW {layout[False]:.1f} s, channels-last {layout[True]:.1f} s "
+          f"(channels-last / NCHW = {layout[True] / layout[False]:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Training: the loss falls, resume is exact, DDP equals one process, bad input fails clearly."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -67,6 +68,39 @@ def test_channels_last_trains_the_same_weights(tmp_path, data):
     from dtop.models import load_model
 
     assert all(p.is_contiguous() for p in load_model(tmp_path / "true" / "run" / "last.safetensors").parameters())
+
+
+def test_freeze_stride_keeps_the_early_cnn_layers(tmp_path, data):
+    """optim.freeze_stride=4: the stem up to stride 4 keeps its weights, everything after it trains."""
+    from dtop.engine.train_parts import freeze_cnn
+    from dtop.models import build_model
+    from dtop.models.cnn_stem import parameters_to_stride
+
+    cfg = config(tmp_path, data, "run.max_steps=3", "optim.epochs=100", "optim.freeze_stride=4")
+    start = build_model(cfg.model).state_dict()
+    train(cfg)
+    end = train_state(tmp_path / "run")["module"]
+    fixed = {f"model.backbone.patch_embed.backbone.{name}"
+             for name, _ in parameters_to_stride(build_model(cfg.model).cnn(), 4)}
+    assert fixed and all(name.split(".")[-1] in ("weight", "bias") for name in fixed)
+    for name in fixed:
+        assert torch.equal(end[name], start[name[len("model."):]]), name
+    later = "model.backbone.patch_embed.backbone.stages.1.blocks.0.conv2.weight"  # stride 8: trains
+    assert later not in fixed and not torch.equal(end[later], start[later[len("model."):]])
+    with pytest.raises(ConfigError, match="below the CNN's first feature stride"):
+        freeze_cnn(build_model(cfg.model), 1)
+    plain = build_model(dataclasses.replace(cfg.model, backbone="vit_tiny_patch16_224", stem_layers=None,
+                                            backbone_args={"depth": 2, "img_size": 64}))
+    with pytest.raises(ConfigError, match="needs a model with a CNN"):
+        freeze_cnn(plain, 4)
+
+
+def test_schedule_steps_end_a_short_run_on_the_decayed_rate(tmp_path, data):
+    train(config(tmp_path, data, "run.max_steps=8", "optim.epochs=100", "optim.schedule_steps=8", "optim.lr=0.01"))
+    rates = [r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if "lr" in r]
+    assert max(rates) == pytest.approx(0.01, rel=0.05)  # the warm-up reaches the full rate
+    assert rates[-1] < 0.1 * 0.01  # ... and the cosine has decayed by the last step (not 100 epochs away)
 
 
 def test_bad_input_fails_clearly(tmp_path, data):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import time
 from dataclasses import asdict
@@ -33,6 +34,7 @@ from dtop.engine.train_parts import (
     build_sampler,
     build_training_set,
     build_tuple_sampler,
+    freeze_cnn,
     param_groups,
     warmup_cosine,
 )
@@ -51,6 +53,8 @@ from dtop.engine.train_run import (
 from dtop.errors import CheckpointError, ConfigError, TrainingError
 from dtop.models import build_model, save_checkpoint
 from dtop.utils.io import atomic_path, write_text
+
+log = logging.getLogger(__name__)
 
 # The pieces live in train_parts; they stay importable from here, where users found them.
 __all__ = [
@@ -111,6 +115,10 @@ class Trainer:
         self.model = build_model(config.model).to(self.device)
         if config.run.channels_last:  # NHWC: faster convolutions (docs/training.md)
             self.model.to(memory_format=torch.channels_last)
+        frozen = freeze_cnn(self.model, config.optim.freeze_stride)
+        if frozen and self.rank == 0:
+            log.info("optim.freeze_stride=%d: %d CNN tensors keep their weights (%s ... %s)",
+                     config.optim.freeze_stride, len(frozen), frozen[0], frozen[-1])
         set_grad_checkpointing = getattr(self.model.backbone, "set_grad_checkpointing", None)
         if config.optim.grad_checkpointing and callable(set_grad_checkpointing):  # timm backbones have it
             set_grad_checkpointing(True)
@@ -124,14 +132,14 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
 
     def _build_optimisation(self) -> None:
-        """AdamW and the warm-up + cosine schedule over the configured epochs."""
+        """AdamW and the warm-up + cosine schedule over the configured epochs (or optim.schedule_steps)."""
         o = self.config.optim
         self.optimizer = torch.optim.AdamW(param_groups(self.model, self.loss, o.lr, o.backbone_lr_mult,
                                                         o.weight_decay), lr=o.lr)
         self.steps_per_epoch = max(1, len(self.sampler) // o.accum_steps)
         # The schedule spans the configured epochs; max_steps / max_minutes only stop early, so a run
         # stopped and resumed follows the same schedule as an uninterrupted one.
-        schedule_steps = self.steps_per_epoch * o.epochs
+        schedule_steps = o.schedule_steps or self.steps_per_epoch * o.epochs
         self.total_steps = schedule_steps
         if self.config.run.max_steps is not None:
             self.total_steps = min(self.total_steps, self.config.run.max_steps)

@@ -150,10 +150,16 @@ class OptimConfig:
     lr: LearningRate = 1e-4
     #: Backbone learning rate = lr × this (the pretrained parts learn slower).
     backbone_lr_mult: NonNegativeFloat = 0.1
+    #: The model's CNN (a hybrid's stem or a CNN backbone) keeps its weights up to this stride:
+    #: low-level pretrained features stay, and their backward pass is skipped (0: all layers train).
+    freeze_stride: NonNegativeInt = 0
     weight_decay: NonNegativeFloat = 0.05
     warmup_steps: NonNegativeInt = 500
     #: Cosine decays to lr × this.
     min_lr_ratio: Fraction = 0.01
+    #: Length of the warm-up + cosine schedule in optimiser steps (null: optim.epochs × an epoch's
+    #: steps). With run.max_steps equal to it, a short run ends on the decayed rate.
+    schedule_steps: PositiveInt | None = None
     #: Max gradient norm (0 = no clipping).
     grad_clip: NonNegativeFloat = 1.0
     #: auto (bf16 on CUDA, off on the CPU) | none | bf16 | fp16 (with a gradient scaler)

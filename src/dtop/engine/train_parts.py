@@ -66,6 +66,26 @@ def param_groups(
     return out
 
 
+def freeze_cnn(model: RetrievalModel, stride: int) -> list[str]:
+    """Fix the weights of ``model``'s CNN up to ``stride`` (``optim.freeze_stride``); their names."""
+    from dtop.models.cnn_stem import feature_strides, parameters_to_stride
+
+    if stride <= 0:
+        return []
+    cnn = model.cnn()
+    if cnn is None:
+        raise ConfigError(f"optim.freeze_stride={stride} needs a model with a CNN (a hybrid stem or a CNN "
+                          f"backbone); {model.config.backbone} has none: set optim.freeze_stride=0")
+    frozen = parameters_to_stride(cnn, stride)
+    if not frozen:
+        strides = [r for r, _ in feature_strides(cnn)]
+        raise ConfigError(f"optim.freeze_stride={stride} is below the CNN's first feature stride "
+                          f"({min(strides) if strides else 'unknown'}); use 0 or one of {strides}")
+    for _, param in frozen:
+        param.requires_grad_(False)
+    return [name for name, _ in frozen]
+
+
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio``."""
     if warmup > 0 and step < warmup:

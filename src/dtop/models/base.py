@@ -73,6 +73,12 @@ class RetrievalModel(nn.Module):
         """
         return self.part_of(name) in ("stem", "encoder")
 
+    def cnn(self) -> nn.Module | None:
+        """The timm CNN of this model: a hybrid's stem or a CNN backbone; None for a plain ViT."""
+        embed = getattr(getattr(self, "backbone", None), "patch_embed", None)
+        stem = getattr(embed, "backbone", None)  # timm's HybridEmbed keeps its CNN there
+        return stem if isinstance(stem, nn.Module) else None
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by part (for per-part learning rates and ``dtop info``)."""
         groups: dict[str, list[nn.Parameter]] = {"stem": [], "encoder": [], "locality": [], "head": []}

@@ -107,6 +107,9 @@ class GemTokensBaseline(_VitBaseline):
 class GemCnnBaseline(_ProjectedBaseline):
     """GeM over the last feature map of a timm CNN."""
 
+    def cnn(self) -> nn.Module | None:  # noqa: D102
+        return self.backbone
+
     #: any timm CNN (timm's CNNs share no base class): ``forward_features`` and ``num_features``
     backbone: Any
 

@@ -59,3 +59,33 @@ def load_stem_weights(stem: nn.Module, state: dict[str, torch.Tensor], architect
             + ". Pass the weights of that CNN with timm's key names (see dtop.models.convert)."
         )
     stem.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+
+
+def feature_strides(cnn: nn.Module) -> list[tuple[int, str]]:
+    """(stride, module name) of each feature map of a timm CNN (whole or ``features_only``)."""
+    info: Any = getattr(cnn, "feature_info", None)
+    if info is None:
+        return []
+    levels = getattr(info, "info", info)  # features_only: timm's FeatureInfo holds every level in .info
+    return [(int(f["reduction"]), str(f["module"])) for f in levels]
+
+
+def parameters_to_stride(cnn: nn.Module, stride: int) -> list[tuple[str, nn.Parameter]]:
+    """The parameters of ``cnn`` that compute its feature maps up to ``stride``, in forward order.
+
+    Everything registered before the module of the last feature map at a stride <= ``stride``, and
+    that module (timm registers a CNN's layers in the order they run).
+    """
+    maps = [(r, name) for r, name in feature_strides(cnn) if r <= stride]
+    if not maps:
+        return []
+    last = maps[-1][1]
+    out: list[tuple[str, nn.Parameter]] = []
+    inside = False
+    for name, param in cnn.named_parameters():
+        here = name.startswith(last + ".")
+        if inside and not here:
+            break
+        inside = inside or here
+        out.append((name, param))
+    return out
