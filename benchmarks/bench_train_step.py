@@ -23,6 +23,7 @@ import torch
 
 from dtop.engine.losses import build_loss
 from dtop.engine.train import TrainModule, param_groups
+from dtop.engine.train_parts import freeze_cnn
 from dtop.models import build_model, resolve_model_config
 from timing import timed
 
@@ -30,11 +31,16 @@ from timing import timed
 class Variant:
     """A model + loss + optimiser that runs one training step on a fixed batch."""
 
-    def __init__(self, name: str, device: torch.device, classes: int, checkpointing: bool = False):
+    def __init__(self, name: str, device: torch.device, classes: int, checkpointing: bool = False,
+                 channels_last: bool = False, freeze_stride: int = 0):
         config = dataclasses.replace(resolve_model_config(name), pretrained=None)
         model = build_model(config).to(device).train()
         if checkpointing:
             model.backbone.set_grad_checkpointing(True)
+        self.channels_last = channels_last  # as the trainer's run.channels_last
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        freeze_cnn(model, freeze_stride)  # as optim.freeze_stride
         loss = build_loss("arcface", embedding_dim=model.descriptor_dim, num_classes=classes).to(device)
         self.name = name + (" +ckpt" if checkpointing else "")
         self.module = TrainModule(model, loss)
@@ -43,6 +49,8 @@ class Variant:
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | None) -> None:
         """One optimiser step (as the trainer runs it)."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = self.module(images, labels)
         loss.backward()

@@ -192,6 +192,32 @@ def test_graph_engines_agree_and_graph_is_symmetric() -> None:
                 assert j != i and w[j][nb[j] == i].tolist() == [v]
 
 
+def test_float16_graph_equals_the_graph_of_its_float32_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """faiss scans a float16 database as it is (SQfp16): no float32 copy of it, the same graph."""
+    pytest.importorskip("faiss")
+    x16 = torch.as_tensor(clustered(600, 12, seed=4)).half()
+    copies: list[tuple[int, ...]] = []
+    real = np.ascontiguousarray
+
+    def spy(a: object, dtype: object = None) -> np.ndarray:
+        out = real(a, dtype=dtype)
+        if out.dtype == np.float32 and out.shape[0] == 600:
+            copies.append(out.shape)
+        return out
+
+    from dtop.retrieval import diffusion, faiss_index
+
+    monkeypatch.setattr(diffusion, "_ROW_CHUNK", 100)  # blocks smaller than the matrix
+    monkeypatch.setattr(faiss_index, "CONVERT_BUDGET", 100 * 12)
+    monkeypatch.setattr(np, "ascontiguousarray", spy)
+    half = build_knn_graph(x16, k=8, engine="faiss")
+    assert copies == []  # never the whole matrix in float32 at once
+    monkeypatch.undo()
+    full = build_knn_graph(x16.float(), k=8, engine="faiss")
+    assert torch.equal(half.neighbors, full.neighbors)
+    torch.testing.assert_close(half.weights, full.weights)
+
+
 def test_approximate_graph() -> None:
     x = clustered(2000, 12, seed=3)
     exact = build_knn_graph(x, k=8)

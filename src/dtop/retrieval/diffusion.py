@@ -118,6 +118,8 @@ def _neighbour_lists(
         return search(database, database, k, chunk_size=chunk_size, device=device)
     from dtop.retrieval.faiss_index import _import_faiss
 
+    if database.dtype in (np.float16, torch.float16):
+        return _half_lists(database, k)
     faiss = _import_faiss()
     x = database.detach().cpu().numpy() if isinstance(database, torch.Tensor) else np.asarray(database)
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -132,6 +134,26 @@ def _neighbour_lists(
             scores[r0 : r0 + len(d)] = np.take_along_axis(d, order, 1)
             indices[r0 : r0 + len(d)] = np.take_along_axis(i, order, 1)
             bar.update(len(d))
+    return scores, indices
+
+
+def _half_lists(database: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k-NN lists of a float16 database without a float32 copy of it.
+
+    faiss's ``SQfp16`` index stores the float16 values as they are and decodes them exactly while
+    scanning: the same scores as a flat index over the converted matrix, at half its memory. Rows
+    go in and queries out one block at a time (converted per block).
+    """
+    from dtop.retrieval.faiss_index import FaissIndex
+
+    n = int(database.shape[0])
+    index = FaissIndex(int(database.shape[1]), factory="SQfp16")
+    index.add(database)
+    k = min(k, n)
+    scores = np.empty((n, k), dtype=np.float32)
+    indices = np.empty((n, k), dtype=np.int64)
+    for r0 in tqdm(range(0, n, _ROW_CHUNK), desc="k-NN graph", unit="block", disable=n < 100_000):
+        scores[r0 : r0 + _ROW_CHUNK], indices[r0 : r0 + _ROW_CHUNK] = index.search(database[r0 : r0 + _ROW_CHUNK], k)
     return scores, indices
 
 
