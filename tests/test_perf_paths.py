@@ -404,7 +404,7 @@ def test_extraction_acceleration_options(tmp_path: Path, tiny_model: torch.nn.Mo
 def test_cpu_defaults() -> None:
     from dtop.engine.runtime import ExtractionDefaults, cpu_defaults, extraction_defaults
 
-    assert cpu_defaults(2) == ExtractionDefaults(batch_size=1, num_workers=1, torch_threads=1)
+    assert cpu_defaults(2) == ExtractionDefaults(batch_size=1, num_workers=0, torch_threads=2)
     assert cpu_defaults(1) == ExtractionDefaults(batch_size=1, num_workers=0, torch_threads=1)
     assert cpu_defaults(8) == ExtractionDefaults(batch_size=1, num_workers=1, torch_threads=7)
     cpu = torch.device("cpu")
@@ -412,7 +412,8 @@ def test_cpu_defaults() -> None:
     assert (given.batch_size, given.num_workers, given.torch_threads) == (4, 64, 1)  # never more threads than cores
     gpu = extraction_defaults(torch.device("cuda"))
     assert gpu.batch_size == 8 and gpu.torch_threads is None
-    assert cpu_defaults(2).describe() == "batch size 1, 1 decoding worker, 1 torch thread"
+    assert cpu_defaults(2).describe() == "batch size 1, 0 decoding workers, 2 torch threads"
+    assert cpu_defaults(4).describe() == "batch size 1, 1 decoding worker, 3 torch threads"
 
 
 def test_cli_extraction_defaults_come_from_the_device() -> None:

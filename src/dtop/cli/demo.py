@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps of every trained model, the same for all (default: the demo's 150)")
+                   help="training steps of every trained model, the same for all (default: the demo's 200)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=0, help="benchmark seed")
     p.add_argument("--workers", type=int_in(*RUNTIME_RANGES["num_workers"]), default=None,

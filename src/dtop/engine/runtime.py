@@ -134,15 +134,17 @@ class ExtractionDefaults:
 def cpu_defaults(cores: int | None = None) -> ExtractionDefaults:
     """The extraction defaults on a CPU of ``cores`` cores (default: this process's), in one place.
 
-    Measured with a CNN-stem model at 512 px × 3 scales on 2 cores (79 images): batch 1 beat
-    batch 8 (49.5 s against 74 s: a CPU gains nothing from batching but memory traffic), and two
-    torch threads next to a decoding worker took twice as long as one thread (threads that
-    outnumber the cores wait on each other at every operator). So: one image per forward pass,
-    one decoding worker, torch gets the cores left. ``benchmarks/bench_cpu_defaults.py`` sweeps
-    the alternatives on a machine; the values chosen from it go here.
+    Chosen by ``benchmarks/bench_cpu_defaults.py`` on a quiet 2-core machine (``dtop_lite``, 40
+    JPEGs at 512 px × 3 scales): torch on both cores with the images decoded in the loop took
+    11.9 s; one thread beside one decoding worker 19.2 s; two threads beside a worker 16.1 s
+    (threads that outnumber the cores wait on each other at every operator). Batch 1 beat batches
+    of 4 and 8 at every setting (11.9 against 14.2 and 15.8 s): a CPU gains nothing from batching
+    but memory traffic. So: one image per forward pass; on 2 cores or fewer no decoding worker
+    (decoding is a few per cent of the model's time); on more, one worker decodes ahead while torch
+    takes the other cores.
     """
     cores = cores or available_cores()
-    workers = 1 if cores > 1 else 0
+    workers = 0 if cores <= 2 else 1
     return ExtractionDefaults(batch_size=1, num_workers=workers, torch_threads=max(1, cores - workers))
 
 
