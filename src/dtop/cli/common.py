@@ -150,7 +150,8 @@ def add_extraction_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int_in(*RUNTIME_RANGES["batch_size"]), default=None,
                    help="images per forward pass (per size bucket; default 1 on a CPU, 8 on a GPU)")
     g.add_argument("--workers", type=int_in(*RUNTIME_RANGES["num_workers"]), default=None,
-                   help="decoding workers (default on a CPU: 0 on 2 cores or fewer, else 1, torch threads on the other cores; 4 on a GPU)")
+                   help="decoding workers (default on a CPU: 0 on 2 cores or fewer, else 1, torch threads on "
+                   "the other cores; 4 on a GPU)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model, dynamic shapes (minutes of compiling; for long GPU runs)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
