@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
         check_sheet(len(queries), 1 + args.topk, args.thumb)
     post = None
     if args.post:  # a bare whiten takes the whitening saved with the index's model, as in dtop evaluate
-        from dtop.engine.evaluate import _post_processing
+        from dtop.engine.evaluate import post_processing_for
 
-        post = _post_processing(args.post, index.load_model())
+        post = post_processing_for(args.post, index.load_model())
     results = index.query(queries, args.topk, exact=args.exact, search_params=args.search_params,
                           batch_size=args.batch_size, num_workers=args.workers, device=args.device, amp=args.amp,
                           progress=not args.no_progress and len(queries) > 50, post=post)

@@ -93,7 +93,7 @@ def dataset_tag(dataset: RevisitedDataset) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', dataset.name)}-{digest}"
 
 
-def _post_processing(post: list[str] | None, model: RetrievalModel) -> PostProcessing | None:
+def post_processing_for(post: list[str] | None, model: RetrievalModel) -> PostProcessing | None:
     """The post-processing steps of ``post``, checked; a bare ``whiten`` takes the checkpoint's whitening.
 
     A ``whiten`` step with neither a file, the checkpoint's whitening nor ``fit=database`` is a
@@ -129,7 +129,7 @@ def evaluate_model(
     settings = settings or ExtractSettings()
     fingerprint = model_fingerprint(model)
     base = Path(cache_dir) / fingerprint / settings_digest(model, settings)
-    for step in _post_processing(post, model) or []:  # a step that cannot run fails now, not after extracting
+    for step in post_processing_for(post, model) or []:  # a step that cannot run fails now, not after extracting
         if isinstance(step, Whiten) and step.whitening is not None:
             warn_on_mismatch(step.whitening, model, settings)
     start = time.perf_counter()
@@ -139,7 +139,7 @@ def evaluate_model(
     results, ranks, described, transductive = {}, {}, [], False
     for variant, parts in variants.items():
         q, db = queries, parts
-        pp = _post_processing(post, model)
+        pp = post_processing_for(post, model)
         if pp is not None:
             if isinstance(pp.reranker, Diffusion) and pp.reranker.cache is None:
                 pp.reranker.cache = str(base / "knn-graphs")  # its k-NN graph is kept like the descriptors
