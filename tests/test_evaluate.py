@@ -155,7 +155,7 @@ def test_results_table_columns_stay_aligned_with_long_names():
 
 
 def test_a_whitening_saved_in_the_checkpoint_is_used(tmp_path):
-    from dtop.engine.evaluate import _post_processing
+    from dtop.engine.evaluate import post_processing_for
     from dtop.models import WHITENING_EXTRA, CheckpointExtra, load_model
     from dtop.retrieval.postprocess import Whiten, fit_pca_whitening
 
@@ -164,13 +164,13 @@ def test_a_whitening_saved_in_the_checkpoint_is_used(tmp_path):
     tensors, meta = whitening.to_state()
     model.checkpoint_extras[WHITENING_EXTRA] = CheckpointExtra(tensors, meta)
     loaded = load_model(save_checkpoint(model, tmp_path / "m.safetensors"))
-    pp = _post_processing(["whiten"], loaded)
+    pp = post_processing_for(["whiten"], loaded)
     step = next(iter(pp))
     assert isinstance(step, Whiten) and step.fitted and step.whitening.output_dim == 16
     assert torch.equal(step.whitening.mean, whitening.mean)
     with pytest.raises(ConfigError, match="no whitening"):  # none saved: an error, not a fit on the database
-        _post_processing(["whiten"], build_model("dtop_tiny"))
-    step = next(iter(_post_processing(["whiten:fit=database"], loaded)))  # explicit: the checkpoint's is not used
+        post_processing_for(["whiten"], build_model("dtop_tiny"))
+    step = next(iter(post_processing_for(["whiten:fit=database"], loaded)))  # explicit: the checkpoint's is not used
     assert isinstance(step, Whiten) and not step.fitted
-    step = next(iter(_post_processing(["whiten:dim=8"], loaded)))  # the checkpoint's, truncated
+    step = next(iter(post_processing_for(["whiten:dim=8"], loaded)))  # the checkpoint's, truncated
     assert step.whitening.output_dim == 8
