@@ -154,6 +154,22 @@ def test_results_table_columns_stay_aligned_with_long_names():
         assert row.split()[-5:] == [f"{100 * model['results'][variant]['easy']['map']:.2f}"] * 5
 
 
+def test_diffusion_graph_is_built_on_the_evaluation_device(bench, tmp_path, monkeypatch):
+    from dtop.retrieval import postprocess
+
+    seen = []
+    real = postprocess.knn_graph_for
+
+    def spy(database, *args, **kwargs):
+        seen.append(kwargs.get("device"))
+        return real(database, *args, **kwargs)
+
+    monkeypatch.setattr(postprocess, "knn_graph_for", spy)
+    assert main(["evaluate", "--model", "dtop_tiny", "--dataset", "mini", "--data-root", str(bench), "--out",
+                 str(tmp_path / "eval"), "--post", "diffusion:k=5,trunc=40", "--device", "cpu", *ARGS]) == 0
+    assert seen == [torch.device("cpu")]  # dtop evaluate --device reaches the graph build
+
+
 def test_a_whitening_saved_in_the_checkpoint_is_used(tmp_path):
     from dtop.engine.evaluate import post_processing_for
     from dtop.models import WHITENING_EXTRA, CheckpointExtra, load_model

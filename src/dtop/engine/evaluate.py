@@ -23,6 +23,7 @@ from dtop import __version__
 from dtop.data.gnd import GroundTruth
 from dtop.data.revisited import RevisitedDataset, load_r1m_list
 from dtop.engine.extract import extract_to_store, settings_digest, settings_record
+from dtop.engine.runtime import resolve_device
 from dtop.engine.settings import ExtractSettings
 from dtop.engine.whiten import warn_on_mismatch
 from dtop.models.base import WHITENING_EXTRA, RetrievalModel
@@ -143,6 +144,8 @@ def evaluate_model(
         if pp is not None:
             if isinstance(pp.reranker, Diffusion) and pp.reranker.cache is None:
                 pp.reranker.cache = str(base / "knn-graphs")  # its k-NN graph is kept like the descriptors
+            if isinstance(pp.reranker, Diffusion) and pp.reranker.device is None and runtime.get("device"):
+                pp.reranker.device = resolve_device(runtime["device"])  # the graph is built where the model ran
             full = torch.cat([torch.as_tensor(np.asarray(p)) for p in parts]) if len(parts) > 1 else parts[0]
             q, full = pp.process(torch.as_tensor(queries), torch.as_tensor(full))
             db = [full]
