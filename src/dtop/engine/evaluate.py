@@ -142,10 +142,11 @@ def evaluate_model(
         q, db = queries, parts
         pp = post_processing_for(post, model)
         if pp is not None:
-            if isinstance(pp.reranker, Diffusion) and pp.reranker.cache is None:
-                pp.reranker.cache = str(base / "knn-graphs")  # its k-NN graph is kept like the descriptors
-            if isinstance(pp.reranker, Diffusion) and pp.reranker.device is None and runtime.get("device"):
-                pp.reranker.device = resolve_device(runtime["device"])  # the graph is built where the model ran
+            if isinstance(pp.reranker, Diffusion):
+                if pp.reranker.cache is None:
+                    pp.reranker.cache = str(base / "knn-graphs")  # its k-NN graph is kept like the descriptors
+                if pp.reranker.device is None and runtime.get("device"):
+                    pp.reranker.device = resolve_device(runtime["device"])  # built where the model ran
             full = torch.cat([torch.as_tensor(np.asarray(p)) for p in parts]) if len(parts) > 1 else parts[0]
             q, full = pp.process(torch.as_tensor(queries), torch.as_tensor(full))
             db = [full]

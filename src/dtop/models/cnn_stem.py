@@ -28,8 +28,7 @@ def create_cnn_stem(architecture: str) -> nn.Module:
         raise ConfigError(f"unknown stem {architecture!r}: timm has no such model") from err
     except (TypeError, AttributeError) as err:
         raise ConfigError(f"model.stem {architecture!r} is not a timm CNN with feature maps ({err})") from err
-    info: Any = probe.feature_info  # timm's FeatureInfo
-    reductions = list(info.reduction())
+    reductions = [r for r, _ in feature_strides(probe)]
     if STEM_STRIDE not in reductions:
         raise ConfigError(
             f"model.stem {architecture!r} has no feature map at stride {STEM_STRIDE} (its strides: {reductions}); "

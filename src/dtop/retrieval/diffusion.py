@@ -146,15 +146,9 @@ def _half_lists(database: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
     """
     from dtop.retrieval.faiss_index import FaissIndex
 
-    n = int(database.shape[0])
     index = FaissIndex(int(database.shape[1]), factory="SQfp16")
     index.add(database)
-    k = min(k, n)
-    scores = np.empty((n, k), dtype=np.float32)
-    indices = np.empty((n, k), dtype=np.int64)
-    for r0 in tqdm(range(0, n, _ROW_CHUNK), desc="k-NN graph", unit="block", disable=n < 100_000):
-        scores[r0 : r0 + _ROW_CHUNK], indices[r0 : r0 + _ROW_CHUNK] = index.search(database[r0 : r0 + _ROW_CHUNK], k)
-    return scores, indices
+    return _index_lists(index, database, k)
 
 
 def _approximate_lists(x: Any, k: int, ivf: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
@@ -165,6 +159,12 @@ def _approximate_lists(x: Any, k: int, ivf: int, nprobe: int) -> tuple[np.ndarra
     index = FaissIndex(int(x.shape[1]), factory=f"IVF{ivf},Flat", search_params=f"nprobe={nprobe}")
     index.train(x[:: max(1, n // (64 * ivf))])  # k-means needs ~40 points per list; a strided sample
     index.add(x)
+    return _index_lists(index, x, k)
+
+
+def _index_lists(index: Any, x: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of every row of ``x`` in the faiss ``index`` holding ``x``, searched a block of rows at a time."""
+    n = int(x.shape[0])
     k = min(k, n)
     scores = np.empty((n, k), dtype=np.float32)
     indices = np.empty((n, k), dtype=np.int64)
